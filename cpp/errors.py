@@ -1,0 +1,9 @@
+"""Errors a user can act on: the message says what was wrong, with which file or field, and what to do."""
+
+
+class CppError(Exception):
+    """Base class of user-facing errors; the CLI prints the message and exits with status 2."""
+
+
+class SourceError(CppError):
+    """A source specification cannot be read (missing path, bad pattern, unreadable list)."""

@@ -1,0 +1,59 @@
+"""One library logger and one global progress-bar switch (on in the CLI, off in the service)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+_LIBRARY_LOGGER = "cpp"
+_progress_bars_enabled = False
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """Return the library logger, or a child of it (``cpp.<name>``)."""
+    if name is None or name == _LIBRARY_LOGGER:
+        return logging.getLogger(_LIBRARY_LOGGER)
+    if name.startswith(_LIBRARY_LOGGER + "."):
+        return logging.getLogger(name)
+    return logging.getLogger(f"{_LIBRARY_LOGGER}.{name}")
+
+
+def set_verbosity(level: int) -> None:
+    """Set the level of the library logger and give it a stderr handler if it has none."""
+    logger = get_logger()
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def enable_progress_bars() -> None:
+    """Show progress bars (the CLI does this)."""
+    global _progress_bars_enabled
+    _progress_bars_enabled = True
+
+
+def disable_progress_bars() -> None:
+    """Hide progress bars (the default, and what the service uses)."""
+    global _progress_bars_enabled
+    _progress_bars_enabled = False
+
+
+def progress_bars_enabled() -> bool:
+    return _progress_bars_enabled
+
+
+def progress_bar(iterable: Iterable[T] | None = None, **kwargs: object) -> tqdm:
+    """A tqdm bar that honours the global switch."""
+    return tqdm(iterable, disable=not _progress_bars_enabled, **kwargs)  # type: ignore[arg-type]
+
+
+def track(iterable: Iterable[T], **kwargs: object) -> Iterator[T]:
+    """Iterate with a progress bar when bars are enabled."""
+    yield from progress_bar(iterable, **kwargs)
