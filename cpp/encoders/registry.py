@@ -8,6 +8,7 @@ from typing import TypeVar
 import torch
 
 from cpp.encoders.base import Encoder
+from cpp.errors import CppError
 
 EncoderFactory = Callable[..., Encoder]
 F = TypeVar("F", bound=EncoderFactory)
@@ -39,14 +40,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` or ``"auto"`` means CUDA when present, else CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise CppError(f"invalid device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CppError(f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'")
+    return resolved
 
 
 def create_encoder(spec: str = "auto", *, device: str | torch.device | None = None) -> Encoder:
-    """Build an encoder from a spec such as ``auto``, ``effnet-lite0-in1k`` or ``open_clip:ViT-B-32/<tag-or-file>``."""
+    """Build an encoder from a spec: ``auto``, ``effnet-lite0-in1k`` or ``open_clip:<arch>/<tag-or-file>``."""
     name, _, arg = spec.partition(":")
+    return encoder_factory(name)(arg, device=resolve_device(device))
+
+
+def encoder_factory(name: str) -> EncoderFactory:
+    """The factory registered under ``name`` (its docstring describes the encoder family)."""
     try:
-        factory = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown encoder {spec!r}; known: {', '.join(list_encoders())}") from None
-    return factory(arg, device=resolve_device(device))
+        raise CppError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}") from None

@@ -1,0 +1,45 @@
+"""``cpp serve``: run the job service (FastAPI on uvicorn); progress bars stay off."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the HTTP job service",
+        description="Serve the job API. Settings come from CPP_* environment variables "
+        "(CPP_DATA_DIR, CPP_ALLOWED_ROOTS, CPP_API_KEYS, CPP_MODEL, CPP_DATABASE_URL, ...); "
+        "see docs/service.md.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--data-dir", type=Path, help="overrides CPP_DATA_DIR")
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    parser.set_defaults(func=run, quiet=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cpp.logging import disable_progress_bars
+    from service.app import create_app
+    from service.settings import Settings
+
+    disable_progress_bars()
+    settings = Settings()
+    if args.data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": args.data_dir})
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0

@@ -1,0 +1,290 @@
+"""Training a clustering head by rate reduction: maximise R(Z) − γ R_c(Z, Π) − (β/2)‖Π‖²_F.
+
+Π is the doubly stochastic membership Sinkhorn derives from the cluster codes C. Training starts with a
+warm-up on −R(Z) alone, after which the C projection is initialised from the Z projection. Checkpoints are a
+safetensors file with the configuration as JSON beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from cpp.errors import CppError
+from cpp.heads import CrateHead, HeadConfig, build_head
+from cpp.knn import knn_indices, normalize_rows
+from cpp.logging import get_logger, progress_bar
+from cpp.progress import RunControl
+from cpp.rate import coding_rate, coding_rate_clusters, membership
+
+log = get_logger("fit")
+
+WEIGHTS_FILE = "head.safetensors"
+CONFIG_FILE = "head.json"
+
+
+class FitInputError(CppError):
+    """The features (or a checkpoint) cannot be used for fitting."""
+
+
+class FitConfig(BaseModel):
+    """Training settings; saved beside every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(default=None, ge=1, description="None: enough epochs for ~target_steps steps")
+    target_steps: int = Field(default=300, ge=1, description="optimiser steps aimed at when epochs is None")
+    max_epochs: int = Field(default=50, ge=1, description="cap on automatic epochs")
+    batch_size: int = Field(default=512, ge=8)
+    lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    cluster_weight_decay: float = Field(default=5e-3, ge=0, description="weight decay of the C projection")
+    gamma: float = Field(default=1.0, ge=0, description="weight of R_c")
+    beta: float = Field(default=0.05, ge=0, description="weight of ½‖Π‖²_F")
+    eps2: float = Field(default=0.1, gt=0, description="ε² of the rate terms")
+    temperature: float = Field(default=0.175, gt=0, description="Sinkhorn temperature on |CCᵀ|")
+    sinkhorn_iters: int = Field(default=5, ge=1)
+    cluster_rows: int | None = Field(
+        default=128,
+        ge=1,
+        description="rows of Π (clusters) sampled per step for an unbiased estimate of R_c; None: all rows",
+    )
+    warmup_epochs: int = Field(default=1, ge=0, description="epochs on −R(Z) alone")
+    max_train_samples: int = Field(default=50_000, ge=2, description="train on a random subset above this")
+    seed: int = 0
+    device: str = "auto"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise FitInputError(
+            f"device {device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'"
+        ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FitInputError(f"device {device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
+    return resolved
+
+
+def _autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for the head on CUDA (the rate terms upcast themselves); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _check_features(features: np.ndarray) -> None:
+    if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] < 1:
+        raise FitInputError(f"features must be a 2-D array with at least 2 rows, got shape {features.shape}")
+
+
+def _tokens(x: torch.Tensor, neighbours: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Token sets ``(B, 1 + k, d)``: each row followed by its context neighbours."""
+    if neighbours is None:
+        return x[rows].unsqueeze(1)
+    return x[torch.cat([rows.unsqueeze(1), neighbours[rows]], dim=1)]
+
+
+@dataclass
+class FittedHead:
+    """A trained head with its configuration and training history."""
+
+    head: torch.nn.Module
+    head_config: HeadConfig
+    fit_config: FitConfig
+    in_dim: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    @torch.no_grad()
+    def transform(self, features: np.ndarray, *, chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """``(Z, C)`` float32 of every row, in chunks; context tokens are neighbours within ``features``."""
+        _check_features(features)
+        if features.shape[1] != self.in_dim:
+            raise FitInputError(
+                f"features have dimension {features.shape[1]}, the head expects {self.in_dim}"
+            )
+        x_np = normalize_rows(features)
+        k = self.head_config.context_k
+        neighbours = torch.from_numpy(knn_indices(x_np, k)) if k else None
+        x = torch.from_numpy(x_np)
+        n, z_dim = x.shape[0], self.head_config.z_dim
+        z_out = np.empty((n, z_dim), dtype=np.float32)
+        c_out = np.empty((n, z_dim), dtype=np.float32)
+        device = self.device
+        self.head.eval()
+        for start in range(0, n, chunk_size):
+            rows = torch.arange(start, min(start + chunk_size, n))
+            tokens = _tokens(x, neighbours, rows).to(device, non_blocking=True)
+            with _autocast(device):
+                z, c = self.head(tokens)
+            z_out[start : start + len(rows)] = z.float().cpu().numpy()
+            c_out[start : start + len(rows)] = c.float().cpu().numpy()
+        return z_out, c_out
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``head.safetensors`` and ``head.json`` (configs, input dim, history) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: t.detach().cpu().contiguous() for name, t in self.head.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+        meta = {
+            "in_dim": self.in_dim,
+            "head": self.head_config.model_dump(),
+            "fit": self.fit_config.model_dump(),
+            "history": self.history,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto") -> FittedHead:
+        """Read a head written by :meth:`save`."""
+        directory = Path(directory)
+        weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        for path in (weights, config):
+            if not path.is_file():
+                raise FitInputError(
+                    f"{path} is missing: pass a directory written by `cpp fit` (FittedHead.save)"
+                )
+        try:
+            meta = json.loads(config.read_text())
+            head_config = HeadConfig.model_validate(meta["head"])
+            fit_config = FitConfig.model_validate(meta["fit"])
+            in_dim = int(meta["in_dim"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FitInputError(f"{config} is not a valid head configuration: {exc}") from exc
+        head = build_head(head_config, in_dim)
+        head.load_state_dict(load_file(str(weights)))
+        head.to(resolve_device(device)).eval()
+        return cls(head, head_config, fit_config, in_dim, list(meta.get("history", [])))
+
+
+def auto_epochs(n_train: int, config: FitConfig) -> int:
+    """Epochs giving about ``target_steps`` optimiser steps (at least warm-up + 1, at most ``max_epochs``)."""
+    steps_per_epoch = max(1, n_train // min(config.batch_size, n_train))
+    epochs = math.ceil(config.target_steps / steps_per_epoch)
+    return max(config.warmup_epochs + 1, min(epochs, config.max_epochs))
+
+
+def rate_reduction_loss(
+    z: torch.Tensor, c: torch.Tensor, config: FitConfig, *, warmup: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss and its terms (device tensors, no host sync)."""
+    r = coding_rate(z, config.eps2)
+    if warmup:
+        return -r, {"rate": r.detach()}
+    pi = membership(c, config.temperature, config.sinkhorn_iters)
+    n = pi.shape[0]
+    if config.cluster_rows is not None and config.cluster_rows < n:
+        rows = torch.randperm(n, device=pi.device)[: config.cluster_rows]
+        rc = coding_rate_clusters(z, pi[rows], config.eps2) * (n / config.cluster_rows)
+    else:
+        rc = coding_rate_clusters(z, pi, config.eps2)
+    fro = (pi * pi).sum()
+    loss = -r + config.gamma * rc + 0.5 * config.beta * fro
+    return loss, {"rate": r.detach(), "rate_clusters": rc.detach(), "pi_fro2": fro.detach()}
+
+
+def fit_head(
+    features: np.ndarray,
+    head_config: HeadConfig | None = None,
+    fit_config: FitConfig | None = None,
+    *,
+    control: RunControl | None = None,
+) -> FittedHead:
+    """Train a head on ``features`` ``(N, d)`` (rows are L2-normalised here) and return it."""
+    _check_features(features)
+    if not np.isfinite(features).all():
+        raise FitInputError("features contain NaN or infinite values; re-embed or drop those rows")
+    head_config = head_config or HeadConfig()
+    fit_config = fit_config or FitConfig()
+    control = control or RunControl()
+    device = resolve_device(fit_config.device)
+    rng = np.random.default_rng(fit_config.seed)
+    n_all = features.shape[0]
+    if n_all > fit_config.max_train_samples:
+        subset = np.sort(rng.choice(n_all, size=fit_config.max_train_samples, replace=False))
+        features = features[subset]
+        log.info("training on a random subset of %d of %d samples", len(subset), n_all)
+    x_np = normalize_rows(features)
+    n, in_dim = x_np.shape
+    k = head_config.context_k
+    if k >= n:
+        raise FitInputError(f"context_k={k} needs more than {k} samples, got {n}; lower --context-k")
+    neighbours = torch.from_numpy(knn_indices(x_np, k)).to(device) if k else None
+    x = torch.from_numpy(x_np).to(device)
+
+    torch.manual_seed(fit_config.seed)
+    head = build_head(head_config, in_dim).to(device)
+    if isinstance(head, CrateHead):
+        head.input_mean.copy_(x.mean(0))
+    z_proj, c_proj = head.get_submodule("z_proj"), head.get_submodule("c_proj")
+    c_ids = {id(p) for p in c_proj.parameters()}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in head.parameters() if id(p) not in c_ids]},
+        {"params": list(c_proj.parameters()), "weight_decay": fit_config.cluster_weight_decay},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=fit_config.lr,
+        weight_decay=fit_config.weight_decay,
+    )
+    batch = min(fit_config.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
+    epochs = fit_config.epochs or auto_epochs(n, fit_config)
+    generator = torch.Generator(device="cpu").manual_seed(fit_config.seed)
+    history: list[dict[str, float]] = []
+    stage = control.stage("fit", epochs)
+    bar = progress_bar(total=epochs * steps_per_epoch, desc="fit", unit="step")
+    head.train()
+    try:
+        for epoch in range(epochs):
+            warmup = epoch < fit_config.warmup_epochs
+            if epoch == fit_config.warmup_epochs and epoch > 0:
+                c_proj.load_state_dict(z_proj.state_dict())
+            started = time.perf_counter()
+            order = torch.randperm(n, generator=generator)
+            sums: dict[str, torch.Tensor] = {}
+            for step in range(steps_per_epoch):
+                control.check_cancelled()
+                rows = order[step * batch : (step + 1) * batch].to(device)
+                with _autocast(device):
+                    z, c = head(_tokens(x, neighbours, rows))
+                loss, terms = rate_reduction_loss(z, c, fit_config, warmup=warmup)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for name, value in {"loss": loss.detach(), **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                bar.update(1)
+            record = {name: float(value) / steps_per_epoch for name, value in sums.items()}
+            if not all(math.isfinite(v) for v in record.values()):
+                raise FitInputError(
+                    f"training diverged at epoch {epoch + 1} ({record}); lower the learning rate (lr)"
+                )
+            record.update(epoch=float(epoch + 1), seconds=time.perf_counter() - started)
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            log.debug("epoch %d/%d %s", epoch + 1, epochs, record)
+            stage.advance()
+    finally:
+        bar.close()
+    head.eval()
+    return FittedHead(head, head_config, fit_config.model_copy(update={"epochs": epochs}), in_dim, history)

@@ -1,0 +1,179 @@
+"""Clustering heads over frozen features: the white-box CRATE head (default) and CPP's MLP head.
+
+Both map a token set ``(B, T, in_dim)`` — a sample followed by its ``context_k`` nearest neighbours — to two
+unit-norm outputs of the sample's own token: ``Z`` (subspace features) and ``C`` (cluster codes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, cast
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cpp.rate import coding_rate
+
+
+class HeadConfig(BaseModel):
+    """Architecture of a head; saved beside every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["crate", "mlp"] = "crate"
+    width: int = Field(default=512, ge=8, description="model width (CRATE) or hidden width (MLP)")
+    layers: int = Field(default=2, ge=1, description="CRATE layers")
+    heads: int = Field(default=8, ge=1, description="MSSA heads (subspaces) per CRATE layer")
+    z_dim: int = Field(default=128, ge=2, description="dimension of Z and C")
+    context_k: int = Field(default=10, ge=0, description="nearest neighbours added as context tokens")
+    step_size: float = Field(default=0.1, gt=0, description="ISTA step size η")
+    sparsity: float = Field(default=0.1, ge=0, description="ISTA threshold λ")
+    attention_scale: float = Field(default=1.0, gt=0, description="extra factor on MSSA logits")
+
+
+class MSSA(nn.Module):
+    """Multi-head subspace self-attention: one basis ``U_k`` per head for query, key, value and output."""
+
+    def __init__(self, width: int, heads: int, scale: float) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = width // heads
+        self.scale = scale / math.sqrt(self.head_dim)
+        # U_k are column blocks of one orthogonal matrix: the initial subspaces are mutually orthogonal.
+        q = nn.init.orthogonal_(torch.empty(width, width))
+        self.bases = nn.Parameter(q.view(width, heads, self.head_dim).permute(1, 0, 2).contiguous())
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, T, width)`` in each head's subspace: ``(B, heads, T, head_dim)``."""
+        return torch.einsum("btw,hwp->bhtp", x, self.bases)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.project(x)
+        attn = torch.softmax(q @ q.transpose(-1, -2) * self.scale, dim=-1)
+        return torch.einsum("bhtp,hwp->btw", attn @ q, self.bases)
+
+
+class ISTA(nn.Module):
+    """One non-negative ISTA step on ``min λ‖z‖₁ + ½‖x − Dz‖²`` from ``z = x``."""
+
+    def __init__(self, width: int, step_size: float, threshold: float) -> None:
+        super().__init__()
+        self.dictionary = nn.Parameter(torch.empty(width, width))
+        nn.init.kaiming_uniform_(self.dictionary, a=math.sqrt(5))
+        self.step_size = step_size
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dictionary
+        residual = x - x @ d.T  # x − D z with z = x
+        return F.relu(x + self.step_size * (residual @ d) - self.step_size * self.threshold)
+
+
+class CrateLayer(nn.Module):
+    """Compression (MSSA with residual) then sparsification (ISTA), each after a LayerNorm."""
+
+    def __init__(self, width: int, heads: int, step_size: float, threshold: float, scale: float) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(width)
+        self.attn = MSSA(width, heads, scale)
+        self.norm_ista = nn.LayerNorm(width)
+        self.ista = ISTA(width, step_size, threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x))
+        return self.ista(self.norm_ista(x))
+
+    @torch.no_grad()
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The layer's output and its white-box statistics on tokens ``x``."""
+        normed = self.norm_attn(x)
+        before = _mean_head_rate(self.attn.project(normed))
+        compressed = x + self.attn(normed)
+        after = _mean_head_rate(self.attn.project(self.norm_attn(compressed)))
+        out = self.ista(self.norm_ista(compressed))
+        stats = {
+            "coding_rate_before": float(before),
+            "coding_rate_after": float(after),
+            "sparsity": float((out == 0).float().mean()),
+        }
+        return out, stats
+
+
+def _mean_head_rate(projected: torch.Tensor) -> torch.Tensor:
+    """Mean over samples and heads of the coding rate of a sample's tokens in one head's subspace."""
+    return coding_rate(F.normalize(projected, dim=-1)).mean()
+
+
+class CrateHead(nn.Module):
+    """Linear embedding, ``layers`` CRATE layers, then unit-norm Z and C projections of the first token."""
+
+    input_mean: torch.Tensor
+
+    def __init__(self, config: HeadConfig, in_dim: int) -> None:
+        super().__init__()
+        # Pretrained features share a large common direction; removing the data-set mean (set by the
+        # trainer, saved with the weights) lets the subspaces separate what differs between samples.
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.embed = nn.Linear(in_dim, config.width)
+        self.layers = nn.ModuleList(
+            CrateLayer(config.width, config.heads, config.step_size, config.sparsity, config.attention_scale)
+            for _ in range(config.layers)
+        )
+        self.norm_out = nn.LayerNorm(config.width)
+        self.z_proj = nn.Linear(config.width, config.z_dim)
+        self.c_proj = nn.Linear(config.width, config.z_dim)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(F.normalize(tokens - self.input_mean, dim=-1))
+
+    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self._embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_out(x[:, 0])
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(tokens)
+        return F.normalize(self.z_proj(h), dim=-1), F.normalize(self.c_proj(h), dim=-1)
+
+    @torch.no_grad()
+    def layer_stats(self, tokens: torch.Tensor) -> list[dict[str, float]]:
+        """Per layer: mean coding rate of the tokens in each head's subspace before and after compression,
+        and the fraction of zeros after the ISTA step."""
+        x = self._embed(tokens)
+        out = []
+        for i, layer in enumerate(self.layers):
+            x, stats = cast(CrateLayer, layer).stats(x)
+            out.append({"layer": float(i), **stats})
+        return out
+
+
+class MLPHead(nn.Module):
+    """CPP's head: linear-BN-ReLU-linear-ReLU, then linear Z and C projections (first token only)."""
+
+    def __init__(self, config: HeadConfig, in_dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(in_dim, config.width),
+            nn.BatchNorm1d(config.width),
+            nn.ReLU(),
+            nn.Linear(config.width, config.width),
+            nn.ReLU(),
+        )
+        self.z_proj = nn.Linear(config.width, config.z_dim)
+        self.c_proj = nn.Linear(config.width, config.z_dim)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(tokens[:, 0])
+        return F.normalize(self.z_proj(h), dim=-1), F.normalize(self.c_proj(h), dim=-1)
+
+
+def build_head(config: HeadConfig, in_dim: int) -> nn.Module:
+    """The head ``config`` describes, for inputs of dimension ``in_dim``."""
+    if config.type == "crate":
+        return CrateHead(config, in_dim)
+    return MLPHead(config, in_dim)

@@ -1,0 +1,457 @@
+"""The whole job: embed (cached) → fit the head → read out clusters → name them → :class:`ClusterResult`.
+
+Everything lands in a work directory: ``features/`` (the resumable feature store), ``head/`` (the fitted head,
+reused when the features and settings are unchanged), ``labels/`` (label-embedding cache), ``result.json``
+and, for large collections, ``assignments.jsonl`` (one :class:`Assignment` per line) with a row-offset index
+``assignments.idx.npy`` so pages can be read without scanning the file.
+
+Small collections: a fixed K must leave at least two images per cluster. Below ``SMALL_N`` images no head
+is trained: a few hundred points cannot fit a head whose Z has more dimensions than there are images, and the
+coding-length choice of K then always prefers the fewest clusters. Such collections are clustered directly in
+the encoder's feature space by spherical k-means, with K (2 .. N/2) chosen by the silhouette. Above it, the
+head's context neighbours are capped at N/4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpp.embed import embed_source
+from cpp.encoders import Encoder, create_encoder
+from cpp.errors import CppError
+from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.heads import HeadConfig
+from cpp.labels import check_supported, embed_vocabulary
+from cpp.logging import get_logger
+from cpp.metrics import evaluate
+from cpp.naming import NamingConfig, name_clusters
+from cpp.options import ClusterOptions, SourceSpec
+from cpp.progress import RunControl
+from cpp.readout import Readout, cluster_bases, kmeans, readout
+from cpp.result import (
+    Assignment,
+    Cluster,
+    ClusterResult,
+    Counts,
+    KSelection,
+    NameScore,
+    RunInfo,
+    SkippedFile,
+)
+from cpp.sources import resolved_spec
+from cpp.store import FeatureStore, RowRecord
+from cpp.vocab import CAPTIONS, SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
+
+log = get_logger("pipeline")
+
+RESULT_FILE = "result.json"
+ASSIGNMENTS_FILE = "assignments.jsonl"
+ASSIGNMENTS_INDEX = "assignments.idx.npy"
+FEATURES_DIR = "features"
+HEAD_DIR = "head"
+LABELS_DIR = "labels"
+HEAD_KEY_FILE = "key.json"
+#: Above this many images, assignments go to ``assignments.jsonl`` instead of ``result.json``.
+INLINE_ASSIGNMENTS_MAX = 10_000
+MIN_IMAGES = 6
+REPRESENTATIVES = 5
+#: Below this many images the features are clustered directly, without a head (see the module docstring).
+SMALL_N = 256
+MAX_AUTO_K = 50
+
+
+class PipelineError(CppError):
+    """The collection or the options cannot be clustered as asked."""
+
+
+def head_configs(n: int, options: ClusterOptions) -> tuple[HeadConfig, FitConfig]:
+    """Head and training settings for ``n`` images: defaults, with context neighbours capped at ``n // 4``."""
+    default = HeadConfig(type=options.head)
+    head = default.model_copy(update={"context_k": min(default.context_k, n // 4)})
+    fit = FitConfig(epochs=options.epochs, seed=options.seed, device=options.device)
+    return head, fit
+
+
+def _head_key(store: FeatureStore, head: HeadConfig, fit: FitConfig) -> dict[str, Any]:
+    """What a saved head must match to be reused: the store's metadata (unique per run) and the settings."""
+    return {
+        "store": hashlib.sha256(json.dumps(store.meta, sort_keys=True, default=str).encode()).hexdigest(),
+        "head": head.model_dump(),
+        "fit": fit.model_dump(),
+    }
+
+
+def _fit_or_reuse(
+    store: FeatureStore,
+    features: np.ndarray,
+    head: HeadConfig,
+    fit: FitConfig,
+    directory: Path,
+    control: RunControl,
+) -> FittedHead:
+    """Load the head saved in ``directory`` for the same features and settings, or train and save one."""
+    key = _head_key(store, head, fit)
+    key_file = directory / HEAD_KEY_FILE
+    if key_file.is_file() and json.loads(key_file.read_text()) == key:
+        log.info("reusing the fitted head in %s", directory)
+        control.stage("fit", 1).advance()
+        return FittedHead.load(directory, device=fit.device)
+    fitted = fit_head(features, head, fit, control=control)
+    fitted.save(directory)
+    key_file.write_text(json.dumps(key))
+    return fitted
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a partition of unit rows under cosine distance (O(N²): small N only)."""
+    distance = 1.0 - x @ x.T
+    k = int(labels.max()) + 1
+    onehot = np.eye(k, dtype=np.float64)[labels]
+    sizes = onehot.sum(0)
+    mean_to = (distance @ onehot) / np.maximum(sizes, 1)  # (N, K) mean distance to each cluster
+    own = labels
+    own_size = sizes[own]
+    a = mean_to[np.arange(len(x)), own] * own_size / np.maximum(own_size - 1, 1)  # exclude the point itself
+    others = mean_to.copy()
+    others[np.arange(len(x)), own] = np.inf
+    others[:, sizes == 0] = np.inf
+    b = others.min(1)
+    score = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
+    score[own_size <= 1] = 0.0
+    return float(score.mean())
+
+
+def direct_readout(features: np.ndarray, clusters: int | str, *, seed: int = 0) -> Readout:
+    """Spherical k-means of the unit features (no head); K by silhouette when ``clusters='auto'``."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n = len(x)
+    if isinstance(clusters, int):
+        candidates = [clusters]
+    else:
+        candidates = list(range(2, max(2, min(MAX_AUTO_K, n // 2)) + 1))
+    partitions = [kmeans(x, k, seed=seed) for k in candidates]
+    scores = [silhouette(x, p) for p in partitions]
+    best = int(np.argmax(scores))
+    labels = partitions[best]
+    counts = np.bincount(labels)
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0]
+    mapping = np.empty(len(counts), dtype=np.int64)
+    mapping[order] = np.arange(len(order))
+    labels = mapping[labels]
+    k = len(order)
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, x.astype(np.float64))
+    centers = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+    similarity = x @ centers.T
+    own = similarity[np.arange(n), labels]
+    similarity[np.arange(n), labels] = -np.inf
+    second = similarity.max(1) if k > 1 else np.zeros(n, dtype=np.float32)
+    selection = KSelection(
+        method="fixed" if isinstance(clusters, int) else "silhouette",
+        k=k,
+        candidates=[] if isinstance(clusters, int) else candidates,
+    )
+    rank = max(1, min(8, x.shape[1] // k))
+    return Readout(
+        labels=labels,
+        confidence=np.clip(own - second, 0, 1).astype(np.float32),
+        centers=centers,
+        bases=cluster_bases(x, labels, k, rank),
+        k_selection=selection,
+        z=x.astype(np.float32),
+    )
+
+
+def _representatives(z: np.ndarray, result: Readout, count: int) -> list[np.ndarray]:
+    """Per cluster, the row indices of the ``count`` members nearest its centre (best first)."""
+    closeness = np.einsum("nd,nd->n", z, result.centers[result.labels])
+    order = np.lexsort((-closeness, result.labels))
+    starts = np.searchsorted(result.labels[order], np.arange(len(result.centers)))
+    ends = np.append(starts[1:], len(order))
+    return [order[s : min(e, s + count)] for s, e in zip(starts, ends, strict=True)]
+
+
+def _true_labels(rows: Sequence[RowRecord]) -> tuple[np.ndarray, list[str]] | None:
+    """Integer ground truth of the labelled rows (-1 elsewhere), or None when no row has a label."""
+    classes = sorted({row.label for row in rows if row.label is not None})
+    if not classes:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    truth = np.array([index[row.label] if row.label is not None else -1 for row in rows], dtype=np.int64)
+    return truth, classes
+
+
+def _metrics(rows: Sequence[RowRecord], predicted: np.ndarray) -> dict[str, float] | None:
+    truth = _true_labels(rows)
+    if truth is None:
+        return None
+    y, _ = truth
+    labelled = y >= 0
+    metrics = evaluate(y[labelled], predicted[labelled])
+    metrics["labelled"] = float(labelled.sum())
+    return metrics
+
+
+def _assignment_dicts(
+    rows: Sequence[RowRecord],
+    result: Readout,
+    names: Sequence[str],
+    image_labels: np.ndarray,
+    image_scores: np.ndarray,
+) -> Iterator[dict[str, Any]]:
+    """One JSON-ready :class:`Assignment` per row, generated lazily (large results are streamed to disk)."""
+    labels = result.labels.tolist()
+    confidence = np.round(result.confidence.astype(np.float64), 5).tolist()
+    label_names = [names[i] for i in image_labels.tolist()]
+    scores = np.round(image_scores.astype(np.float64), 5).tolist()
+    return (
+        {
+            "key": row.key,
+            "path": row.path,
+            "cluster": labels[i],
+            "confidence": confidence[i],
+            "label": label_names[i],
+            "label_score": scores[i],
+            "true_label": row.label,
+        }
+        for i, row in enumerate(rows)
+    )
+
+
+def _write_assignments(work_dir: Path, assignments: Iterator[dict[str, Any]], n: int) -> None:
+    """JSONL of the ``n`` assignments and an index of each line's byte offset, both written atomically."""
+    offsets = np.empty(n + 1, dtype=np.int64)
+    partial = work_dir / f"{ASSIGNMENTS_FILE}.tmp"
+    with partial.open("wb") as out:
+        position = 0
+        for i, record in enumerate(assignments):
+            offsets[i] = position
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+            out.write(line)
+            position += len(line)
+        offsets[-1] = position
+    index_partial = work_dir / f"{ASSIGNMENTS_INDEX}.tmp.npy"
+    np.save(index_partial, offsets)
+    os.replace(partial, work_dir / ASSIGNMENTS_FILE)
+    os.replace(index_partial, work_dir / ASSIGNMENTS_INDEX)
+
+
+def _write_result(path: Path, result: ClusterResult) -> None:
+    partial = path.with_name(f"{path.name}.tmp")
+    partial.write_text(result.model_dump_json(indent=1), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: Path) -> None:
+    """Fail before embedding when a vocabulary file is missing or the encoder cannot embed the names."""
+    fixed = [spec for spec in specs if spec != CAPTIONS]
+    if CAPTIONS in specs:
+        check_supported(encoder, captions_vocabulary(["a caption"]))
+    if fixed:
+        vocabulary = resolve_vocabulary(fixed)
+        if not encoder.has_text_tower:  # classifier rows: instant, and raises for names it does not know
+            embed_vocabulary(encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=cache_dir)
+
+
+def run_cluster(
+    source: SourceSpec,
+    options: ClusterOptions,
+    work_dir: str | Path,
+    *,
+    control: RunControl | None = None,
+    encoder: Encoder | None = None,
+) -> ClusterResult:
+    """Cluster and name the images of ``source``; writes ``work_dir/result.json`` and returns the result.
+
+    Resumable: the feature store in ``work_dir/features`` and the fitted head are reused when they match.
+    Progress stages: ``embed``, ``fit``, ``readout`` and ``name``; :class:`~cpp.progress.Cancelled` is raised
+    between batches after ``control.cancel()``.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    control = control or RunControl()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    if encoder is None:
+        try:
+            encoder = create_encoder(options.model, device=options.device)
+        except ValueError as exc:  # unknown spec or bad argument
+            raise PipelineError(f"model {options.model!r}: {exc}") from exc
+    _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR)
+    store = embed_source(
+        source, work_dir / FEATURES_DIR, encoder, batch_size=options.batch_size, control=control
+    )
+    rows = store.rows()
+    features = store.features()
+    n = len(rows)
+    timings["embed"] = time.perf_counter() - started
+    if n < MIN_IMAGES:
+        raise PipelineError(
+            f"only {n} usable images in {source.path} ({len(store.skipped())} skipped); "
+            f"clustering needs at least {MIN_IMAGES}"
+        )
+    if isinstance(options.clusters, int) and options.clusters > n // 2:
+        raise PipelineError(
+            f"{options.clusters} clusters need at least {2 * options.clusters} images (two per cluster); "
+            f"{source.path} has {n}. Ask for at most {n // 2} clusters, or 'auto'."
+        )
+    vocabulary = resolve_vocabulary(
+        options.vocabulary, captions=(caption for row in rows for caption in row.captions)
+    )
+
+    tick = time.perf_counter()
+    fitted: FittedHead | None = None
+    if n < SMALL_N:
+        log.info("%d images (< %d): clustering the features directly, without training a head", n, SMALL_N)
+        head_info: dict[str, Any] = {
+            "type": "none",
+            "reason": f"fewer than {SMALL_N} images: spherical k-means on the encoder features, "
+            "K by silhouette",
+        }
+        control.stage("fit", 1).advance()
+    else:
+        head_config, fit_config = head_configs(n, options)
+        fitted = _fit_or_reuse(store, features, head_config, fit_config, work_dir / HEAD_DIR, control)
+        head_info = head_config.model_dump()
+    timings["fit"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    if fitted is None:
+        stage = control.stage("readout", 1)
+        found = direct_readout(features, options.clusters, seed=options.seed)
+        stage.advance()
+    else:
+        found = readout(fitted, features, options.clusters, seed=options.seed, control=control)
+    timings["readout"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    naming_config = NamingConfig(seed=options.seed)
+    if fitted is None:
+        naming_config = naming_config.model_copy(update={"space": "raw"})
+    stage = control.stage("name", len(vocabulary) + 2)
+    label_vectors = embed_vocabulary(
+        encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=work_dir / LABELS_DIR, stage=stage
+    )
+    naming = name_clusters(
+        features,
+        found.labels,
+        label_vectors,
+        vocabulary,
+        naming_config,
+        fitted=fitted,
+        z=found.z,
+        stage=stage,
+    )
+    timings["name"] = time.perf_counter() - tick
+
+    sizes = np.bincount(found.labels, minlength=len(found.centers))
+    nearest = _representatives(found.z, found, REPRESENTATIVES)
+    clusters = [
+        Cluster(
+            id=j,
+            size=int(sizes[j]),
+            name=named.name,
+            score=round(named.score, 5),
+            uncertain=named.uncertain,
+            alternatives=[NameScore(name=a, score=round(s, 5)) for a, s in named.alternatives],
+            representatives=[rows[i].path or rows[i].key for i in nearest[j]],
+        )
+        for j, named in enumerate(naming.clusters)
+    ]
+    assignments = _assignment_dicts(rows, found, vocabulary.names, naming.image_labels, naming.image_scores)
+    inline = n <= INLINE_ASSIGNMENTS_MAX
+    if not inline:
+        _write_assignments(work_dir, assignments, n)
+    timings["total"] = time.perf_counter() - started
+
+    fit_info: dict[str, Any] = {}
+    if fitted is not None:
+        fit_info = {
+            **fitted.fit_config.model_dump(),
+            "trained_on": min(n, fitted.fit_config.max_train_samples),
+            "final": fitted.history[-1] if fitted.history else {},
+        }
+    result = ClusterResult(
+        run=RunInfo(
+            encoder=encoder.describe(),
+            head=head_info,
+            fit=fit_info,
+            k_selection=found.k_selection,
+            naming={
+                "vocabularies": list(options.vocabulary),
+                "names": len(vocabulary),
+                "names_by_origin": vocabulary.sources(),
+                "templates": list(SIMPLE_TEMPLATES),
+                **naming_config.model_dump(),
+            },
+            source=resolved_spec(source),
+            timings_s={name: round(value, 3) for name, value in timings.items()},
+            counts=Counts(items=store.counts["items"], embedded=n, skipped=store.counts["skipped"]),
+            skipped=[SkippedFile(key=s.key, path=s.path, reason=s.reason) for s in store.skipped()],
+            device=str(fitted.device if fitted is not None else encoder.device),
+            seed=options.seed,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ),
+        clusters=clusters,
+        assignments=[Assignment.model_validate(a) for a in assignments] if inline else None,
+        assignments_file=None if inline else ASSIGNMENTS_FILE,
+        metrics=_metrics(rows, found.labels),
+    )
+    _write_result(work_dir / RESULT_FILE, result)
+    return result
+
+
+def load_result(work_dir: str | Path) -> ClusterResult:
+    """The result written by :func:`run_cluster` in ``work_dir``."""
+    path = Path(work_dir) / RESULT_FILE
+    if not path.is_file():
+        raise PipelineError(
+            f"{path} does not exist: run `cpp cluster` (run_cluster) with this work directory"
+        )
+    return ClusterResult.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def read_assignments(
+    work_dir: str | Path, *, offset: int = 0, limit: int = 100
+) -> tuple[list[Assignment], int]:
+    """One page of per-image assignments of the result in ``work_dir``, and the total count."""
+    if offset < 0 or limit < 0:
+        raise ValueError("offset and limit must be non-negative")
+    work_dir = Path(work_dir)
+    result = load_result(work_dir)
+    if result.assignments is not None:
+        return result.assignments[offset : offset + limit], len(result.assignments)
+    offsets = np.load(work_dir / ASSIGNMENTS_INDEX, mmap_mode="r")
+    total = len(offsets) - 1
+    stop = min(offset + limit, total)
+    if offset >= stop:
+        return [], total
+    with (work_dir / (result.assignments_file or ASSIGNMENTS_FILE)).open("rb") as handle:
+        handle.seek(int(offsets[offset]))
+        data = handle.read(int(offsets[stop]) - int(offsets[offset]))
+    return [Assignment.model_validate_json(line) for line in data.splitlines()], total
+
+
+def runs_dir() -> Path:
+    """Where default work directories go: ``$CPP_CACHE_DIR/runs``, else ``~/.cache/cpp/runs``."""
+    root = os.environ.get("CPP_CACHE_DIR")
+    if root:
+        return Path(root) / "runs"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpp" / "runs"
+
+
+def default_work_dir(source: SourceSpec, model: str) -> Path:
+    """``runs_dir()/<hash>``: one work directory per source and model."""
+    key = hashlib.sha256(json.dumps({"source": resolved_spec(source), "model": model}).encode()).hexdigest()
+    return runs_dir() / key[:16]

@@ -1,0 +1,226 @@
+"""Whole-set readout of a fitted head: clusters, confidences, cluster subspaces, and the choice of K.
+
+Up to ``max_spectral`` samples are clustered directly by spectral clustering of a sparse kNN graph on the
+cluster codes C. Above that, a random landmark subset is clustered that way and every sample is then assigned
+to its nearest cluster subspace (top-r basis of the landmarks' Z per cluster), streamed in chunks: memory is
+O(N·d), never O(N²). ``clusters="auto"`` picks K with the smallest coding length of Z over a candidate range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.linalg import eigsh
+
+from cpp.errors import CppError
+from cpp.fit import FittedHead
+from cpp.knn import knn_indices, normalize_rows
+from cpp.logging import get_logger
+from cpp.progress import RunControl
+from cpp.rate import coding_length
+from cpp.result import KSelection
+
+log = get_logger("readout")
+
+MAX_AUTO_K = 50
+# Distortion ε² of the coding length used to choose K. Training's ε² (0.1) codes the learned Z at the fine
+# scale at which rate reduction has spread every cluster over many directions; at that scale splitting a
+# cluster always pays. Model selection codes at the scale of a whole unit-norm vector (measured on
+# synthetic subspace mixtures and CIFAR-10, see docs/benchmarks/quality.md).
+SELECTION_EPS2 = 1.0
+
+
+class ReadoutError(CppError):
+    """The readout cannot run with the given data or cluster count."""
+
+
+@dataclass
+class Readout:
+    """Per sample: cluster and confidence; per cluster: centre and subspace basis; and how K was chosen."""
+
+    labels: np.ndarray  # (N,) int64 in 0..K-1
+    confidence: np.ndarray  # (N,) float32 in [0, 1]
+    centers: np.ndarray  # (K, z_dim) unit-norm
+    bases: np.ndarray  # (K, z_dim, r) orthonormal columns (zero columns for clusters with < r members)
+    k_selection: KSelection
+    z: np.ndarray  # (N, z_dim) the subspace features used
+
+
+def kmeans(x: np.ndarray, k: int, *, seed: int = 0, spherical: bool = True, redo: int = 3) -> np.ndarray:
+    """faiss k-means labels of the rows of ``x``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=50, nredo=redo, seed=seed, spherical=spherical, min_points_per_centroid=1
+    )
+    km.train(x)
+    _, labels = km.index.search(x, 1)
+    return labels[:, 0].astype(np.int64)
+
+
+def kmeans_baseline(features: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+    """Spherical k-means labels of the raw (L2-normalised) features: the baseline a head must beat."""
+    return kmeans(normalize_rows(features), k, seed=seed)
+
+
+def spectral_embedding(codes: np.ndarray, dims: int, *, neighbours: int = 15) -> np.ndarray:
+    """Top ``dims`` eigenvectors of the normalised affinity of a symmetric kNN graph weighted by |cos|."""
+    n = codes.shape[0]
+    x = normalize_rows(codes)
+    k = min(neighbours, n - 1)
+    idx = knn_indices(x, k)
+    weights = np.abs(np.einsum("nd,nkd->nk", x, x[idx])).astype(np.float64)
+    graph = sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    graph = graph.maximum(graph.T)
+    degree = np.asarray(graph.sum(1)).ravel()
+    scale = sp.diags(1.0 / np.sqrt(np.maximum(degree, 1e-12)))
+    normalised = scale @ graph @ scale
+    v0 = np.random.default_rng(0).standard_normal(n)
+    _, vectors = eigsh(normalised, k=min(dims, n - 2), which="LA", v0=v0)
+    return vectors[:, ::-1].astype(np.float32)  # descending eigenvalues
+
+
+def _spectral_labels(embedding: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means on the first ``k`` spectral coordinates, rows normalised (Ng–Jordan–Weiss)."""
+    return kmeans(normalize_rows(embedding[:, :k]), k, seed=seed, spherical=False)
+
+
+def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Dense labels 0..K-1 ordered by decreasing cluster size (empty clusters dropped)."""
+    counts = np.bincount(labels)
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0]
+    mapping = np.empty(len(counts), dtype=np.int64)
+    mapping[order] = np.arange(len(order))
+    return mapping[labels]
+
+
+def cluster_bases(z: np.ndarray, labels: np.ndarray, k: int, rank: int) -> np.ndarray:
+    """``(k, d, rank)``: top-``rank`` right singular vectors of each cluster's Z (zero-padded)."""
+    d = z.shape[1]
+    bases = np.zeros((k, d, rank), dtype=np.float32)
+    for j in range(k):  # K small SVDs, K ≤ a few hundred
+        members = z[labels == j]
+        if len(members) == 0:
+            continue
+        _, _, vt = np.linalg.svd(members.astype(np.float64), full_matrices=False)
+        r = min(rank, vt.shape[0])
+        bases[j, :, :r] = vt[:r].T
+    return bases
+
+
+def subspace_scores(z: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """``(n, K)`` energy ‖U_jᵀz‖² of each row in each cluster subspace (1 − squared residual for unit z)."""
+    return torch.einsum("nd,kdr->nkr", z, bases).pow(2).sum(-1)
+
+
+def assign(
+    z: np.ndarray, bases: np.ndarray, *, chunk_size: int = 65536, control: RunControl | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Streamed nearest-subspace assignment: labels, score margins (confidence), and per-cluster Z sums."""
+    n, d = z.shape
+    k = bases.shape[0]
+    labels = np.empty(n, dtype=np.int64)
+    margin = np.empty(n, dtype=np.float32)
+    sums = torch.zeros(k, d, dtype=torch.float64)
+    b = torch.from_numpy(bases)
+    stage = control.stage("assign", n) if control else None
+    for start in range(0, n, chunk_size):
+        chunk = torch.from_numpy(z[start : start + chunk_size])
+        scores = subspace_scores(chunk, b)
+        top = scores.topk(min(2, k), dim=1)
+        labels[start : start + len(chunk)] = top.indices[:, 0].numpy()
+        second = top.values[:, 1] if k > 1 else torch.zeros(len(chunk))
+        margin[start : start + len(chunk)] = (top.values[:, 0] - second).clamp(0, 1).numpy()
+        sums.index_add_(0, top.indices[:, 0], chunk.double())
+        if stage:
+            stage.advance(len(chunk))
+    return labels, margin, sums.numpy()
+
+
+def _own_margin(z: np.ndarray, bases: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Score of each row's own cluster minus its best other cluster, clipped to [0, 1]."""
+    scores = subspace_scores(torch.from_numpy(z), torch.from_numpy(bases))
+    own = scores.gather(1, torch.from_numpy(labels)[:, None])[:, 0]
+    others = scores.scatter(1, torch.from_numpy(labels)[:, None], float("-inf"))
+    best_other = others.max(1).values if scores.shape[1] > 1 else torch.zeros_like(own)
+    return (own - best_other).clamp(0, 1).numpy().astype(np.float32)
+
+
+def candidate_ks(n: int) -> list[int]:
+    """Automatic K candidates: 2 .. min(50, N/10)."""
+    return list(range(2, max(2, min(MAX_AUTO_K, n // 10)) + 1))
+
+
+def readout(
+    fitted: FittedHead,
+    features: np.ndarray,
+    clusters: Literal["auto"] | int = "auto",
+    *,
+    seed: int = 0,
+    control: RunControl | None = None,
+    max_spectral: int = 20_000,
+    rank: int | None = None,
+    selection_eps2: float = SELECTION_EPS2,
+) -> Readout:
+    """Cluster every row of ``features`` with ``fitted``'s head (see module docstring).
+
+    ``rank`` is the dimension of each cluster's subspace basis (default ``z_dim // K``, at least 1);
+    ``selection_eps2`` the distortion of the coding length that chooses K.
+    """
+    n = features.shape[0]
+    if clusters != "auto" and not (isinstance(clusters, int) and 2 <= clusters <= n):
+        raise ReadoutError(
+            f"clusters must be 'auto' or an integer in 2..{n} (the sample count), got {clusters!r}"
+        )
+    z, c = fitted.transform(features)
+    rng = np.random.default_rng(seed)
+    landmarks = (
+        np.arange(n) if n <= max_spectral else np.sort(rng.choice(n, size=max_spectral, replace=False))
+    )
+    n_land = len(landmarks)
+    candidates = [clusters] if isinstance(clusters, int) else candidate_ks(n_land)
+    if max(candidates) > n_land - 2:
+        raise ReadoutError(
+            f"{max(candidates)} clusters need more than {max(candidates) + 1} samples, got {n_land}"
+        )
+    embedding = spectral_embedding(c[landmarks], max(candidates))
+    z_land = torch.from_numpy(z[landmarks])
+    best: tuple[float, np.ndarray] | None = None
+    lengths: list[float] = []
+    stage = control.stage("readout", len(candidates)) if control else None
+    for k in candidates:
+        labels_k = _spectral_labels(embedding, k, seed)
+        length = float(coding_length(z_land, torch.from_numpy(labels_k), selection_eps2))
+        lengths.append(length)
+        if best is None or length < best[0]:
+            best = (length, labels_k)
+        if stage:
+            stage.advance()
+    assert best is not None
+    land_labels = _relabel_by_size(best[1])
+    k_final = int(land_labels.max()) + 1
+    chosen = candidates[int(np.argmin(lengths))]
+    selection = KSelection(
+        method="fixed" if isinstance(clusters, int) else "coding_length",
+        k=k_final,
+        candidates=[] if isinstance(clusters, int) else candidates,
+        coding_length=[] if isinstance(clusters, int) else lengths,
+    )
+    if k_final != chosen:
+        log.warning("k-means left %d of %d clusters empty", chosen - k_final, chosen)
+    r = rank or max(1, z.shape[1] // k_final)
+    bases = cluster_bases(z[landmarks], land_labels, k_final, r)
+    if n_land == n:
+        labels = land_labels
+        confidence = _own_margin(z, bases, labels)
+        sums = np.zeros((k_final, z.shape[1]))
+        np.add.at(sums, labels, z.astype(np.float64))
+    else:
+        labels, confidence, sums = assign(z, bases, control=control)
+    centers = normalize_rows(sums.astype(np.float32))
+    return Readout(labels, confidence, centers, bases, selection, z)

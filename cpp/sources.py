@@ -1,0 +1,351 @@
+"""Image sources: folders, file lists, webdataset tar shards and COCO, as a deterministic stream of items.
+
+Each :class:`Item` carries a stable key and a picklable ``load_bytes`` callable, so decoding can run in worker
+processes while listing stays cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import json
+import os
+import re
+import tarfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpp.errors import SourceError
+from cpp.options import SourceSpec, SourceType
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+_LIST_EXTENSIONS = (".txt", ".csv")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a source."""
+
+    key: str  # stable, unique within the source
+    path: str | None  # file path, or "shard.tar/member" for display
+    load_bytes: Callable[[], bytes]  # picklable (functools.partial of a module-level function)
+    captions: tuple[str, ...] = ()
+    label: str | None = None  # ground truth, when known
+
+
+def read_file(path: str) -> bytes:
+    """Read a whole file (the ``load_bytes`` of file-backed items)."""
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def read_range(path: str, offset: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``offset`` (the ``load_bytes`` of tar members)."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: expected {size} bytes at offset {offset}, got {len(data)} (truncated shard?)")
+    return data
+
+
+def infer_source_spec(
+    path: str,
+    source_type: SourceType | None = None,
+    *,
+    labels_from_folders: bool = False,
+    annotations: Sequence[str] = (),
+) -> SourceSpec:
+    """Build a :class:`SourceSpec` for ``path``, inferring the type when not given.
+
+    A directory is a ``folder`` (``coco`` when annotation files are given), ``.txt``/``.csv`` a ``files``
+    list, and ``.tar`` files, globs or brace patterns ``webdataset`` shards.
+    """
+    if source_type is None:
+        if annotations:
+            source_type = "coco"
+        elif _is_pattern(path) or path.endswith(".tar"):
+            source_type = "webdataset"
+        elif os.path.isdir(path):
+            source_type = "folder"
+        elif path.lower().endswith(_LIST_EXTENSIONS):
+            source_type = "files"
+        elif not os.path.exists(path):
+            raise SourceError(f"source {path!r} does not exist")
+        else:
+            raise SourceError(
+                f"cannot tell the source type of {path!r}: expected a directory, a .txt/.csv file list or "
+                ".tar shards; pass the type explicitly (--source-type folder|files|webdataset|coco)"
+            )
+    return SourceSpec(
+        type=source_type, path=path, labels_from_folders=labels_from_folders, annotations=list(annotations)
+    )
+
+
+def resolved_spec(spec: SourceSpec) -> dict[str, Any]:
+    """The spec as JSON with absolute paths: what identifies a source in a feature store."""
+    data = spec.model_dump()
+    data["path"] = os.path.abspath(spec.path)
+    data["annotations"] = [os.path.abspath(a) for a in spec.annotations]
+    return data
+
+
+def iter_items(spec: SourceSpec) -> Iterator[Item]:
+    """Yield the items of ``spec`` in a deterministic order; :class:`SourceError` for unusable specs."""
+    if spec.type == "folder":
+        return _iter_folder(Path(spec.path), spec.labels_from_folders)
+    if spec.type == "files":
+        return _iter_file_list(Path(spec.path))
+    if spec.type == "webdataset":
+        return _iter_webdataset(spec.path)
+    if spec.type == "coco":
+        return _iter_coco(Path(spec.path), [Path(a) for a in spec.annotations])
+    raise SourceError(f"unknown source type {spec.type!r}")  # pragma: no cover - pydantic validates
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------------------------- folder
+
+
+def _iter_folder(root: Path, labels_from_folders: bool) -> Iterator[Item]:
+    if not root.is_dir():
+        raise SourceError(f"image folder {str(root)!r} does not exist or is not a directory")
+    relative: list[str] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        base = Path(directory).relative_to(root)
+        relative.extend((base / name).as_posix() for name in files if _is_image_name(name) and name[0] != ".")
+    if not relative:
+        raise SourceError(
+            f"no images under {str(root)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
+        )
+    for rel in sorted(relative):
+        path = str(root / rel)
+        parent = os.path.dirname(rel)
+        label = os.path.basename(parent) if labels_from_folders and parent else None
+        yield Item(key=rel, path=path, load_bytes=functools.partial(read_file, path), label=label)
+
+
+# ------------------------------------------------------------------------------------------- file list
+
+
+def _iter_file_list(list_path: Path) -> Iterator[Item]:
+    if not list_path.is_file():
+        raise SourceError(f"file list {str(list_path)!r} does not exist")
+    base = list_path.parent
+    read = _read_csv_list if list_path.suffix.lower() == ".csv" else _read_txt_list
+    entries = read(list_path)
+    if not entries:
+        raise SourceError(f"file list {str(list_path)!r} names no files")
+    seen: dict[str, int] = {}
+    for line, entry, label, caption in entries:
+        if entry in seen:
+            raise SourceError(f"{list_path}:{line}: {entry!r} is listed twice (first on line {seen[entry]})")
+        seen[entry] = line
+        path = os.path.normpath(entry if os.path.isabs(entry) else os.path.join(base, entry))
+        yield Item(
+            key=entry,
+            path=path,
+            load_bytes=functools.partial(read_file, path),
+            captions=(caption,) if caption else (),
+            label=label or None,
+        )
+
+
+def _read_txt_list(list_path: Path) -> list[tuple[int, str, str | None, str | None]]:
+    entries: list[tuple[int, str, str | None, str | None]] = []
+    with open(list_path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            entry = raw.strip()
+            if entry and not entry.startswith("#"):
+                entries.append((number, entry, None, None))
+    return entries
+
+
+def _read_csv_list(list_path: Path) -> list[tuple[int, str, str | None, str | None]]:
+    entries = []
+    with open(list_path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise SourceError(
+                f"{list_path}: a CSV file list needs a 'path' column (optional: 'label', 'caption'); "
+                f"found columns {reader.fieldnames}"
+            )
+        for row in reader:
+            entry = (row.get("path") or "").strip()
+            if entry:
+                entries.append((reader.line_num, entry, row.get("label"), row.get("caption")))
+    return entries
+
+
+# ------------------------------------------------------------------------------------------ webdataset
+
+
+def _is_pattern(path: str) -> bool:
+    return any(ch in path for ch in "{}*?[")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..099}`` ranges (zero padding kept) and ``{a,b}`` alternatives."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        if "{" in pattern or "}" in pattern:
+            raise SourceError(f"unbalanced braces in shard pattern {pattern!r}")
+        return [pattern]
+    body = match.group(1)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    numeric = _RANGE.match(body)
+    if numeric:
+        first, last = numeric.groups()
+        if int(first) > int(last):
+            raise SourceError(f"empty range {{{body}}} in shard pattern {pattern!r} (start > end)")
+        width = len(first) if first.startswith("0") else 0
+        options = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise SourceError(
+            f"bad brace expression {{{body}}} in shard pattern {pattern!r}: use {{000..099}} or {{a,b}}"
+        )
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def _shard_paths(pattern: str) -> list[str]:
+    paths: list[str] = []
+    for candidate in expand_braces(pattern):
+        if any(ch in candidate for ch in "*?["):
+            matched = sorted(glob.glob(candidate))
+            if not matched:
+                raise SourceError(f"no shard files match {candidate!r}")
+            paths.extend(matched)
+        else:
+            paths.append(candidate)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SourceError(
+            f"{len(missing)} of {len(paths)} shard files of {pattern!r} are missing, e.g. {missing[0]!r}"
+        )
+    return sorted(dict.fromkeys(paths))
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset convention: the key is the member path up to the first dot of its file name."""
+    directory, base = os.path.split(name)
+    stem, dot, extension = base.partition(".")
+    return (os.path.join(directory, stem) if directory else stem), (extension.lower() if dot else "")
+
+
+def _iter_webdataset(pattern: str) -> Iterator[Item]:
+    for shard in _shard_paths(pattern):
+        yield from _iter_shard(shard)
+
+
+def _iter_shard(shard: str) -> Iterator[Item]:
+    shard_name = os.path.basename(shard)
+    images: dict[str, tarfile.TarInfo] = {}
+    captions: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    try:
+        with tarfile.open(shard, mode="r:") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, extension = _split_member(member.name)
+                if "." + extension in IMAGE_EXTENSIONS:
+                    images.setdefault(key, member)
+                elif extension in ("txt", "cls"):
+                    text = _read_member_text(archive, member)
+                    (captions if extension == "txt" else labels)[key] = text
+    except (tarfile.TarError, OSError) as exc:
+        raise SourceError(f"cannot read shard {shard!r}: {exc}") from exc
+    for key in sorted(images):
+        member = images[key]
+        caption = captions.get(key)
+        yield Item(
+            key=f"{shard_name}/{key}",
+            path=f"{shard}/{member.name}",
+            load_bytes=functools.partial(read_range, shard, member.offset_data, member.size),
+            captions=(caption,) if caption else (),
+            label=labels.get(key),
+        )
+
+
+def _read_member_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    handle = archive.extractfile(member)
+    if handle is None:  # pragma: no cover - regular files always have data
+        return ""
+    return handle.read().decode("utf-8", errors="replace").strip()
+
+
+# ------------------------------------------------------------------------------------------------ COCO
+
+
+def _iter_coco(image_root: Path, annotation_files: list[Path]) -> Iterator[Item]:
+    if not image_root.is_dir():
+        raise SourceError(f"COCO image folder {str(image_root)!r} does not exist or is not a directory")
+    if not annotation_files:
+        raise SourceError(
+            "a COCO source needs annotation files (instances and/or captions JSON): --annotations"
+        )
+    file_names: dict[int, str] = {}
+    categories: dict[int, str] = {}
+    area: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    captions: dict[int, list[str]] = defaultdict(list)
+    for annotation_file in annotation_files:
+        data = _load_coco_json(annotation_file)
+        try:
+            for image in data["images"]:
+                file_names[int(image["id"])] = str(image["file_name"])
+            for category in data.get("categories", []):
+                categories[int(category["id"])] = str(category["name"])
+            for annotation in data.get("annotations", []):
+                image_id = int(annotation["image_id"])
+                if "caption" in annotation:
+                    captions[image_id].append(str(annotation["caption"]).strip())
+                if "category_id" in annotation:
+                    area[image_id][int(annotation["category_id"])] += float(annotation.get("area", 0.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceError(
+                f"{annotation_file}: malformed COCO entry ({type(exc).__name__}: {exc}); images need "
+                "'id' and 'file_name', categories 'id' and 'name', annotations 'image_id'"
+            ) from exc
+    for image_id, file_name in sorted(file_names.items(), key=lambda pair: (pair[1], pair[0])):
+        path = str(image_root / file_name)
+        label = None
+        if area.get(image_id):
+            best = max(area[image_id].items(), key=lambda pair: (pair[1], -pair[0]))[0]
+            if best not in categories:
+                raise SourceError(f"{annotation_files}: annotation uses unknown category_id {best}")
+            label = categories[best]
+        yield Item(
+            key=file_name,
+            path=path,
+            load_bytes=functools.partial(read_file, path),
+            captions=tuple(captions.get(image_id, ())),
+            label=label,
+        )
+
+
+def _load_coco_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SourceError(f"COCO annotation file {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"cannot read COCO annotation file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise SourceError(f"{path}: not a COCO annotation file (no 'images' list)")
+    for field in ("annotations", "categories"):
+        if field in data and not isinstance(data[field], list):
+            raise SourceError(f"{path}: COCO field {field!r} must be a list")
+    return data

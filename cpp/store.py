@@ -1,0 +1,346 @@
+"""The on-disk feature store: a chunked feature matrix, a per-item index and ``meta.json``.
+
+Layout of a store directory::
+
+    run.json                      identity and settings of the run that writes the store (written first)
+    chunks/features-00000.npy     (rows, dim) float16/float32 features of chunk 0
+    chunks/index-00000.jsonl      one line per source item of chunk 0: key, path, captions, label, status
+    meta.json                     written last: encoder, source, counts, timings; marks the store complete
+
+Chunk ``c`` holds source items ``[c * chunk_size, (c + 1) * chunk_size)``. Every file is written to a
+temporary name and renamed into place, the index file of a chunk last, so a chunk whose index file exists is
+complete and an interrupted run resumes after the last complete chunk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpp.errors import CppError
+
+STORE_FORMAT = "cpp-feature-store"
+STORE_VERSION = 1
+META_FILE = "meta.json"
+RUN_FILE = "run.json"
+CHUNK_DIR = "chunks"
+
+
+class StoreError(CppError):
+    """A feature store is missing, incomplete, corrupt or belongs to another encoder/source."""
+
+
+@dataclass(frozen=True)
+class RowRecord:
+    """One embedded item; ``index`` is its row in :meth:`FeatureStore.features`."""
+
+    index: int
+    key: str
+    path: str | None
+    captions: tuple[str, ...]
+    label: str | None
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A source item that was not embedded, and why."""
+
+    key: str
+    path: str | None
+    reason: str
+
+
+def features_name(chunk: int) -> str:
+    return f"{CHUNK_DIR}/features-{chunk:05d}.npy"
+
+
+def index_name(chunk: int) -> str:
+    return f"{CHUNK_DIR}/index-{chunk:05d}.jsonl"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}; delete the store directory and embed again") from exc
+    if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path} is not a cpp feature store file")
+    return data
+
+
+def identity_mismatch(existing: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """Describe how two store identities differ, or ``None`` when they match."""
+    differences = [
+        f"{field}: store has {existing.get(field)!r}, requested {wanted.get(field)!r}"
+        for field in sorted(set(existing) | set(wanted))
+        if existing.get(field) != wanted.get(field)
+    ]
+    return "; ".join(differences) or None
+
+
+def _check_identity(path: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    mismatch = identity_mismatch(existing, wanted)
+    if mismatch:
+        raise StoreError(
+            f"{path} holds features of another encoder or source ({mismatch}); "
+            "choose another output directory or delete this one"
+        )
+
+
+class FeatureStore:
+    """A complete feature store, opened read-only; chunk matrices are memory-mapped."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.meta = meta
+        self.dim = int(meta["dim"])
+        self._chunks: list[dict[str, Any]] = list(meta["chunks"])
+
+    @classmethod
+    def open(cls, path: str | Path) -> FeatureStore:
+        """Open a complete store; :class:`StoreError` (a ``CppError``) if it is missing or incomplete."""
+        root = Path(path)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            state = "an unfinished embedding run" if (root / RUN_FILE).is_file() else "no feature store"
+            raise StoreError(f"{root} holds {state}; run `cpp embed` to (finish) embedding into it")
+        meta = _read_json(meta_path)
+        if not meta.get("complete"):
+            raise StoreError(f"{root} is incomplete; run `cpp embed` again to finish it")
+        if meta.get("version") != STORE_VERSION:
+            raise StoreError(f"{root} has store version {meta.get('version')}, expected {STORE_VERSION}")
+        store = cls(root, meta)
+        for chunk in store._chunks:
+            for name in (chunk["features"], chunk["index"]):
+                if not (root / name).is_file():
+                    raise StoreError(
+                        f"{root}: chunk file {name} is missing; delete the store and embed again"
+                    )
+        return store
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether ``path`` holds a complete store."""
+        return (Path(path) / META_FILE).is_file()
+
+    @property
+    def encoder_id(self) -> str:
+        return str(self.meta["encoder_id"])
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        """The encoder's ``describe()`` recorded at embedding time."""
+        return dict(self.meta["encoder"])
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return dict(self.meta["source"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.meta["counts"])
+
+    def __len__(self) -> int:
+        return int(self.meta["counts"]["embedded"])
+
+    def _load_chunk(self, chunk: dict[str, Any]) -> np.ndarray:
+        name = chunk["features"]
+        try:
+            array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"{self.path}: chunk {name} is corrupt ({exc}); delete the store and embed again"
+            ) from exc
+        if array.shape != (chunk["rows"], self.dim):
+            raise StoreError(
+                f"{self.path}: chunk {name} has shape {array.shape}, expected {(chunk['rows'], self.dim)}; "
+                "delete the store and embed again"
+            )
+        return array
+
+    def iter_chunks(self) -> Iterator[np.ndarray]:
+        """Per-chunk ``(rows_i, dim)`` memory-mapped arrays in row order."""
+        for chunk in self._chunks:
+            yield self._load_chunk(chunk)
+
+    def features(self, dtype: np.dtype[Any] | type = np.float32) -> np.ndarray:
+        """All features as one ``(len(self), dim)`` array of ``dtype``."""
+        parts = [np.asarray(chunk, dtype=dtype) for chunk in self.iter_chunks()]
+        if not parts:
+            return np.zeros((0, self.dim), dtype=dtype)
+        return np.concatenate(parts, axis=0)
+
+    def _iter_index(self) -> Iterator[dict[str, Any]]:
+        for chunk in self._chunks:
+            with open(self.path / chunk["index"], encoding="utf-8") as handle:
+                for line in handle:
+                    yield json.loads(line)
+
+    def rows(self) -> list[RowRecord]:
+        """The embedded items, aligned with :meth:`features`."""
+        return [
+            RowRecord(
+                index=entry["row"],
+                key=entry["key"],
+                path=entry["path"],
+                captions=tuple(entry["captions"]),
+                label=entry["label"],
+            )
+            for entry in self._iter_index()
+            if entry["status"] == "ok"
+        ]
+
+    def skipped(self) -> list[SkippedRecord]:
+        """The items that could not be embedded, with the reason."""
+        return [
+            SkippedRecord(key=entry["key"], path=entry["path"], reason=entry["reason"])
+            for entry in self._iter_index()
+            if entry["status"] != "ok"
+        ]
+
+
+class StoreWriter:
+    """Writes a store chunk by chunk; reopening a partial store resumes after its last complete chunk."""
+
+    def __init__(self, path: Path, run: dict[str, Any]) -> None:
+        self.path = path
+        self.run = run
+        self.chunk_size = int(run["settings"]["chunk_size"])
+        self.dtype = np.dtype(run["settings"]["dtype"])
+        self.dim = int(run["settings"]["dim"])
+        self.chunks = self._complete_chunks()
+        self.rows_written = sum(chunk["rows"] for chunk in self.chunks)
+
+    @classmethod
+    def open(cls, path: str | Path, identity: dict[str, Any], settings: dict[str, Any]) -> StoreWriter:
+        """Start a store in ``path`` or resume the partial one there.
+
+        ``identity`` (encoder and source) must match an existing run; its ``settings`` (chunk size, dtype,
+        dim, ...) are kept so that a resumed store is the same as an uninterrupted one.
+        """
+        root = Path(path)
+        run_path = root / RUN_FILE
+        if run_path.is_file():
+            run = _read_json(run_path)
+            _check_identity(root, run["identity"], identity)
+            return cls(root, run)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise StoreError(
+                f"{root} exists and is not an empty directory or a feature store; choose another --out"
+            )
+        (root / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+        run = {"format": STORE_FORMAT, "version": STORE_VERSION, "identity": identity, "settings": settings}
+        _write_json(run_path, run)
+        return cls(root, run)
+
+    def _complete_chunks(self) -> list[dict[str, Any]]:
+        chunks: list[dict[str, Any]] = []
+        while (self.path / index_name(len(chunks))).is_file():
+            number = len(chunks)
+            with open(self.path / index_name(number), encoding="utf-8") as handle:
+                entries = [json.loads(line) for line in handle]
+            rows = sum(entry["status"] == "ok" for entry in entries)
+            chunks.append(
+                {
+                    "id": number,
+                    "features": features_name(number),
+                    "index": index_name(number),
+                    "items": len(entries),
+                    "rows": rows,
+                }
+            )
+        return chunks
+
+    @property
+    def items_done(self) -> int:
+        """Source items covered by complete chunks."""
+        return sum(chunk["items"] for chunk in self.chunks)
+
+    def write_chunk(self, features: np.ndarray, entries: list[dict[str, Any]]) -> None:
+        """Write the next chunk: ``features`` of its embedded items and one index entry per source item.
+
+        Entries have ``key``, ``path``, ``captions``, ``label``, ``status`` (``ok`` or ``skipped``) and
+        ``reason``; the ``row`` of each embedded item is assigned here.
+        """
+        number = len(self.chunks)
+        features = np.ascontiguousarray(features, dtype=self.dtype)
+        ok = sum(entry["status"] == "ok" for entry in entries)
+        if features.shape != (ok, self.dim):
+            raise ValueError(f"chunk {number}: features {features.shape} do not match {ok} embedded items")
+        lines = []
+        row = self.rows_written
+        for entry in entries:
+            record = dict(entry, row=row if entry["status"] == "ok" else None)
+            row += entry["status"] == "ok"
+            lines.append(json.dumps(record, sort_keys=True))
+        buffer = io.BytesIO()
+        np.save(buffer, features, allow_pickle=False)
+        _atomic_write(self.path / features_name(number), buffer.getvalue())
+        _atomic_write(
+            self.path / index_name(number), ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
+        )
+        self.chunks.append(
+            {
+                "id": number,
+                "features": features_name(number),
+                "index": index_name(number),
+                "items": len(entries),
+                "rows": ok,
+            }
+        )
+        self.rows_written = row
+
+    def finish(self, meta: dict[str, Any]) -> FeatureStore:
+        """Write ``meta.json`` (run identity, settings, chunk list and counts added) and open the store."""
+        items = self.items_done
+        full = dict(meta)
+        full.update(
+            format=STORE_FORMAT,
+            version=STORE_VERSION,
+            complete=True,
+            identity=self.run["identity"],
+            dim=self.dim,
+            dtype=self.dtype.name,
+            chunk_size=self.chunk_size,
+            chunks=self.chunks,
+            counts={"items": items, "embedded": self.rows_written, "skipped": items - self.rows_written},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        full.setdefault("settings", self.run["settings"])
+        _write_json(self.path / META_FILE, full)
+        return FeatureStore.open(self.path)
+
+
+def check_complete_store(path: str | Path, identity: dict[str, Any]) -> FeatureStore | None:
+    """The complete store at ``path`` when its identity matches; ``None`` when there is none yet.
+
+    :class:`StoreError` when a complete store there belongs to another encoder or source.
+    """
+    root = Path(path)
+    if not FeatureStore.exists(root):
+        return None
+    store = FeatureStore.open(root)
+    _check_identity(root, store.meta.get("identity", {}), identity)
+    return store

@@ -1,0 +1,158 @@
+"""Vocabularies: the candidate names a cluster can be given.
+
+A vocabulary spec is one of the built-in class lists (``imagenet1k``, ``coco80``, ``cifar10``, ``cifar100``),
+``captions`` (the captions found in the source, used as whole descriptions), or the path of a text file with
+one name per line. Several specs combine into one :class:`Vocabulary`; a name listed twice is kept once, with
+the origin of its first listing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import open_clip
+
+from cpp.errors import CppError
+
+BUILTIN_VOCABULARIES = ("imagenet1k", "coco80", "cifar10", "cifar100")
+CAPTIONS = "captions"
+DEFAULT_MAX_CAPTIONS = 5000
+
+#: Prompt templates for class names ("{}" is replaced by the name): the seven-template subset that
+#: open_clip ships as SIMPLE_IMAGENET_TEMPLATES. Captions are embedded as they are, without templates.
+SIMPLE_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES)
+#: The full 80-template ImageNet ensemble (slower to embed; open_clip's OPENAI_IMAGENET_TEMPLATES).
+OPENAI_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+class VocabularyError(CppError):
+    """A vocabulary spec or file cannot be used."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Candidate names, each with its origin and whether prompt templates apply (names) or not (captions)."""
+
+    names: tuple[str, ...]
+    origins: tuple[str, ...]
+    templated: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.names) == len(self.origins) == len(self.templated):
+            raise ValueError("names, origins and templated must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def sources(self) -> dict[str, int]:
+        """How many names each origin contributed, in order of first appearance."""
+        counts: dict[str, int] = {}
+        for origin in self.origins:
+            counts[origin] = counts.get(origin, 0) + 1
+        return counts
+
+
+def _normalise(name: str) -> str:
+    """Collapse runs of whitespace; the comparison key used for de-duplication is this, lower-cased."""
+    return re.sub(r"\s+", " ", name).strip()
+
+
+def combine(vocabularies: Iterable[Vocabulary]) -> Vocabulary:
+    """Concatenate vocabularies, keeping the first listing of names equal up to case and whitespace."""
+    seen: set[str] = set()
+    names: list[str] = []
+    origins: list[str] = []
+    templated: list[bool] = []
+    for vocabulary in vocabularies:
+        for name, origin, flag in zip(
+            vocabulary.names, vocabulary.origins, vocabulary.templated, strict=True
+        ):
+            key = _normalise(name).lower()
+            if key in seen:
+                continue
+            seen.add(key)
+            names.append(_normalise(name))
+            origins.append(origin)
+            templated.append(flag)
+    return Vocabulary(tuple(names), tuple(origins), tuple(templated))
+
+
+def _of_names(names: Iterable[str], origin: str, *, templated: bool = True) -> Vocabulary:
+    listed = [_normalise(n) for n in names]
+    listed = [n for n in listed if n]
+    return combine([Vocabulary(tuple(listed), (origin,) * len(listed), (templated,) * len(listed))])
+
+
+def builtin_vocabulary(name: str) -> Vocabulary:
+    """One of :data:`BUILTIN_VOCABULARIES`."""
+    if name == "imagenet1k":
+        return _of_names(open_clip.IMAGENET_CLASSNAMES, name)
+    if name in BUILTIN_VOCABULARIES:
+        text = resources.files("cpp").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+        return _of_names(text.splitlines(), name)
+    raise VocabularyError(
+        f"unknown built-in vocabulary {name!r}; built-ins are {', '.join(BUILTIN_VOCABULARIES)}"
+    )
+
+
+def read_vocabulary_file(path: str | Path) -> Vocabulary:
+    """Names from a UTF-8 text file, one per line; blank lines and lines starting with ``#`` are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise VocabularyError(f"vocabulary file {path} does not exist (give a file with one name per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VocabularyError(f"cannot read vocabulary file {path}: {exc}") from exc
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    vocabulary = _of_names(lines, str(path))
+    if not len(vocabulary):
+        raise VocabularyError(
+            f"vocabulary file {path} has no names (one name per line; '#' starts a comment)"
+        )
+    return vocabulary
+
+
+def captions_vocabulary(captions: Iterable[str], *, limit: int = DEFAULT_MAX_CAPTIONS) -> Vocabulary:
+    """Distinct captions as candidate descriptions; above ``limit``, an evenly spaced subset of them."""
+    unique = combine([_of_names(captions, CAPTIONS, templated=False)])
+    if len(unique) <= limit:
+        return unique
+    keep = np.linspace(0, len(unique) - 1, limit).round().astype(int)
+    return Vocabulary(tuple(unique.names[i] for i in keep), (CAPTIONS,) * limit, (False,) * limit)
+
+
+def resolve_vocabulary(
+    specs: Sequence[str], *, captions: Iterable[str] | None = None, max_captions: int = DEFAULT_MAX_CAPTIONS
+) -> Vocabulary:
+    """Combine the vocabularies named by ``specs`` (built-in names, ``captions``, or file paths).
+
+    ``captions`` are the source's captions; they are required when ``captions`` is among the specs.
+    """
+    if not specs:
+        raise VocabularyError("no vocabulary given; use e.g. 'imagenet1k', 'captions' or a file of names")
+    parts: list[Vocabulary] = []
+    for spec in specs:
+        if spec in BUILTIN_VOCABULARIES:
+            parts.append(builtin_vocabulary(spec))
+        elif spec == CAPTIONS:
+            found = captions_vocabulary(captions or (), limit=max_captions)
+            if not len(found):
+                raise VocabularyError(
+                    "the 'captions' vocabulary needs captions in the source (COCO captions annotations or "
+                    "LAION-style .txt files beside the images), and this source has none"
+                )
+            parts.append(found)
+        elif Path(spec).is_file():
+            parts.append(read_vocabulary_file(spec))
+        else:
+            raise VocabularyError(
+                f"vocabulary {spec!r} is neither a built-in ({', '.join(BUILTIN_VOCABULARIES)}), "
+                f"nor '{CAPTIONS}', nor an existing file of names"
+            )
+    return combine(parts)

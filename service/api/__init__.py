@@ -1,0 +1,1 @@
+"""HTTP layer of the job service: dependencies and routes."""

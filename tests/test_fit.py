@@ -1,0 +1,99 @@
+"""Training: repeatability, checkpoints, cancellation, and that the rate reduction actually increases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cpp.errors import CppError
+from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.heads import HeadConfig
+from cpp.progress import Cancelled, ProgressEvent, RunControl
+
+
+def subspace_mixture(n: int, d: int, k: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm points on ``k`` random ``dim``-dimensional subspaces of R^d, plus a common offset."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    bases = np.linalg.qr(rng.standard_normal((k, d, dim)))[0]
+    x = np.einsum("ndr,nr->nd", bases[labels], rng.standard_normal((n, dim)))
+    x += 0.5 * rng.standard_normal(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+SMALL_HEAD = HeadConfig(width=32, layers=1, heads=4, z_dim=16, context_k=3)
+SMALL_FIT = FitConfig(epochs=3, batch_size=64, warmup_epochs=1, cluster_rows=16, device="cpu")
+
+
+def test_two_cpu_runs_give_identical_weights() -> None:
+    x, _ = subspace_mixture(200, 20, 3, 2)
+    a = fit_head(x, SMALL_HEAD, SMALL_FIT)
+    b = fit_head(x, SMALL_HEAD, SMALL_FIT)
+    for (name, pa), pb in zip(a.head.state_dict().items(), b.head.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    c = fit_head(x, SMALL_HEAD, SMALL_FIT.model_copy(update={"seed": 1}))
+    assert not torch.equal(a.head.state_dict()["z_proj.weight"], c.head.state_dict()["z_proj.weight"])
+
+
+def test_training_raises_the_rate_reduction_and_copies_z_into_c() -> None:
+    x, _ = subspace_mixture(256, 20, 4, 2)
+    fitted = fit_head(x, SMALL_HEAD, SMALL_FIT.model_copy(update={"epochs": 6}))
+    history = fitted.history
+    assert len(history) == 6
+    assert "rate_clusters" not in history[0] and "rate_clusters" in history[1]
+    reduction = [h["rate"] - h["rate_clusters"] for h in history[1:]]
+    assert reduction[-1] > reduction[0]
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    x, _ = subspace_mixture(150, 20, 3, 2)
+    fitted = fit_head(x, SMALL_HEAD, SMALL_FIT)
+    fitted.save(tmp_path / "run")
+    assert (tmp_path / "run" / "head.safetensors").is_file()
+    loaded = FittedHead.load(tmp_path / "run", device="cpu")
+    assert loaded.head_config == fitted.head_config
+    assert loaded.fit_config == fitted.fit_config
+    assert loaded.history == fitted.history
+    z1, c1 = fitted.transform(x)
+    z2, c2 = loaded.transform(x, chunk_size=40)
+    np.testing.assert_allclose(z1, z2, atol=1e-6)
+    np.testing.assert_allclose(c1, c2, atol=1e-6)
+    assert z1.dtype == np.float32 and z1.shape == (150, 16)
+
+
+def test_load_missing_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(CppError, match=r"head\.safetensors"):
+        FittedHead.load(tmp_path)
+
+
+def test_progress_and_cancellation() -> None:
+    x, _ = subspace_mixture(128, 20, 3, 2)
+    events: list[ProgressEvent] = []
+    fit_head(x, SMALL_HEAD, SMALL_FIT, control=RunControl(on_progress=events.append))
+    assert [(e.stage, e.done, e.total) for e in events] == [("fit", i, 3) for i in range(4)]
+
+    control = RunControl(on_progress=lambda e: control.cancel() if e.done == 1 else None)
+    with pytest.raises(Cancelled):
+        fit_head(x, SMALL_HEAD, SMALL_FIT, control=control)
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        (np.zeros((1, 4), dtype=np.float32), "2-D array"),
+        (np.full((10, 4), np.nan, dtype=np.float32), "NaN"),
+    ],
+)
+def test_bad_features_are_user_errors(features: np.ndarray, message: str) -> None:
+    with pytest.raises(CppError, match=message):
+        fit_head(features, SMALL_HEAD, SMALL_FIT)
+
+
+def test_transform_rejects_wrong_dimension() -> None:
+    x, _ = subspace_mixture(100, 20, 3, 2)
+    fitted = fit_head(x, SMALL_HEAD, SMALL_FIT.model_copy(update={"epochs": 2}))
+    with pytest.raises(CppError, match="dimension"):
+        fitted.transform(np.ones((10, 7), dtype=np.float32))

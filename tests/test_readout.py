@@ -1,0 +1,101 @@
+"""Readout: spectral and landmark paths, auto-K by coding length, confidence, and the k-means baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cpp.errors import CppError
+from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.heads import HeadConfig
+from cpp.knn import knn_indices
+from cpp.metrics import clustering_accuracy
+from cpp.readout import assign, candidate_ks, cluster_bases, kmeans_baseline, readout
+
+
+def subspace_mixture(n: int, d: int, k: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm points on ``k`` random ``dim``-dimensional subspaces of R^d, plus a common offset."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    bases = np.linalg.qr(rng.standard_normal((k, d, dim)))[0]
+    x = np.einsum("ndr,nr->nd", bases[labels], rng.standard_normal((n, dim)))
+    x += 0.5 * rng.standard_normal(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def fitted_data() -> tuple[FittedHead, np.ndarray, np.ndarray]:
+    x, y = subspace_mixture(600, 24, 4, 2, seed=3)
+    head = HeadConfig(width=32, layers=1, heads=4, z_dim=16, context_k=5)
+    fit = FitConfig(epochs=8, batch_size=128, cluster_rows=32, device="cpu")
+    return fit_head(x, head, fit), x, y
+
+
+def test_fixed_k_readout_shapes_and_ranges(fitted_data: tuple[FittedHead, np.ndarray, np.ndarray]) -> None:
+    fitted, x, y = fitted_data
+    out = readout(fitted, x, 4)
+    assert out.labels.shape == (600,) and out.labels.dtype == np.int64
+    assert set(np.unique(out.labels)) <= set(range(4))
+    assert out.confidence.dtype == np.float32
+    assert (out.confidence >= 0).all() and (out.confidence <= 1).all()
+    assert out.centers.shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(out.centers, axis=1), 1, atol=1e-5)
+    assert out.bases.shape == (4, 16, 4)
+    assert out.k_selection.method == "fixed" and out.k_selection.k == 4
+    assert out.z.shape == (600, 16)
+    assert clustering_accuracy(y, out.labels) > 0.8
+
+
+def test_auto_k_keeps_the_curve_and_finds_the_mixture(
+    fitted_data: tuple[FittedHead, np.ndarray, np.ndarray],
+) -> None:
+    fitted, x, _ = fitted_data
+    out = readout(fitted, x, "auto")
+    sel = out.k_selection
+    assert sel.method == "coding_length"
+    assert sel.candidates == candidate_ks(600)
+    assert len(sel.coding_length) == len(sel.candidates)
+    assert sel.k == sel.candidates[int(np.argmin(sel.coding_length))]
+    assert 3 <= sel.k <= 5
+
+
+def test_landmark_path_matches_spectral_path(fitted_data: tuple[FittedHead, np.ndarray, np.ndarray]) -> None:
+    fitted, x, y = fitted_data
+    out = readout(fitted, x, 4, max_spectral=300)
+    assert out.labels.shape == (600,)
+    assert clustering_accuracy(y, out.labels) > 0.8
+
+
+def test_streamed_assignment_is_chunk_independent() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((500, 8)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    labels = rng.integers(0, 3, 500)
+    bases = cluster_bases(z, labels, 3, 2)
+    a = assign(z, bases, chunk_size=64)
+    b = assign(z, bases, chunk_size=500)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[2], b[2], atol=1e-9)
+
+
+def test_bad_cluster_count_is_a_user_error(fitted_data: tuple[FittedHead, np.ndarray, np.ndarray]) -> None:
+    fitted, x, _ = fitted_data
+    with pytest.raises(CppError, match="clusters must be"):
+        readout(fitted, x, 1)
+
+
+def test_kmeans_baseline_separates_clear_clusters() -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((3, 16)) * 5
+    y = rng.integers(0, 3, 300)
+    x = (centers[y] + rng.standard_normal((300, 16))).astype(np.float32)
+    assert clustering_accuracy(y, kmeans_baseline(x, 3)) > 0.95
+
+
+def test_knn_excludes_self_and_finds_neighbours() -> None:
+    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    idx = knn_indices(x, 1)
+    np.testing.assert_array_equal(idx[:, 0], [1, 0, 3, 2])
+    approx = knn_indices(np.repeat(x, 30, axis=0) + 0.01 * np.arange(120)[:, None], 3, exact_max=50)
+    assert approx.shape == (120, 3)
+    assert not (approx == np.arange(120)[:, None]).any()

@@ -1,0 +1,162 @@
+"""Every source type, built from real photos inside the test, and the errors for bad specs."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import save_photo
+from PIL import Image
+
+from cpp.errors import SourceError
+from cpp.options import SourceSpec
+from cpp.sources import expand_braces, infer_source_spec, iter_items
+
+
+def _spec(kind: str, path: Path | str, **kwargs: object) -> SourceSpec:
+    return SourceSpec(type=kind, path=str(path), **kwargs)  # type: ignore[arg-type]
+
+
+def test_folder_is_recursive_sorted_and_labelled(photo_dir: Path) -> None:
+    (photo_dir / "notes.txt").write_text("not an image")
+    save_photo("coffee", photo_dir / "top.PNG")
+    items = list(iter_items(_spec("folder", photo_dir, labels_from_folders=True)))
+    keys = [item.key for item in items]
+    assert keys == sorted(keys)
+    assert len(items) == 9 and "notes.txt" not in keys
+    by_key = {item.key: item for item in items}
+    assert by_key["animals/chelsea.jpg"].label == "animals"
+    assert by_key["top.PNG"].label is None
+    assert Image.open(io.BytesIO(by_key["animals/chelsea.jpg"].load_bytes())).size == (451, 300)
+    unlabelled = list(iter_items(_spec("folder", photo_dir)))
+    assert all(item.label is None for item in unlabelled)
+
+
+def test_items_pickle_for_worker_processes(photo_dir: Path) -> None:
+    item = next(iter(iter_items(_spec("folder", photo_dir))))
+    clone = pickle.loads(pickle.dumps(item))
+    assert clone.load_bytes() == item.load_bytes()
+
+
+def test_txt_and_csv_file_lists(photo_dir: Path, tmp_path: Path) -> None:
+    (photo_dir / "list.txt").write_text(
+        f"# photos\nanimals/chelsea.jpg\n\n{photo_dir / 'objects/coffee.jpg'}\n"
+    )
+    items = list(iter_items(_spec("files", photo_dir / "list.txt")))
+    assert [item.key for item in items] == ["animals/chelsea.jpg", str(photo_dir / "objects/coffee.jpg")]
+    assert items[0].path == str(photo_dir / "animals/chelsea.jpg")
+    assert items[0].load_bytes() == (photo_dir / "animals/chelsea.jpg").read_bytes()
+
+    (photo_dir / "list.csv").write_text(
+        'path,label,caption\nobjects/rocket.jpg,rocket,"a rocket, launching"\n'
+    )
+    (item,) = iter_items(_spec("files", photo_dir / "list.csv"))
+    assert (item.label, item.captions) == ("rocket", ("a rocket, launching",))
+
+    (tmp_path / "bad.csv").write_text("file\nx.jpg\n")
+    with pytest.raises(SourceError, match="'path' column"):
+        list(iter_items(_spec("files", tmp_path / "bad.csv")))
+    (tmp_path / "dup.txt").write_text("a.jpg\na.jpg\n")
+    with pytest.raises(SourceError, match="listed twice"):
+        list(iter_items(_spec("files", tmp_path / "dup.txt")))
+
+
+def _write_shard(path: Path, samples: dict[str, tuple[bytes, str]]) -> None:
+    """A tar shard as img2dataset writes it: {key}.jpg, {key}.txt, {key}.json."""
+    with tarfile.open(path, "w") as archive:
+        for key, (image, caption) in samples.items():
+            for name, data in (
+                (f"{key}.jpg", image),
+                (f"{key}.txt", caption.encode()),
+                (f"{key}.json", json.dumps({"key": key, "caption": caption}).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_with_brace_pattern(photo_dir: Path, tmp_path: Path) -> None:
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number in range(2):
+        samples = {
+            f"{number:05d}{i:04d}": (photo.read_bytes(), f"caption of {photo.stem}")
+            for i, photo in enumerate(photos[number * 4 : number * 4 + 4])
+        }
+        _write_shard(shards / f"{number:05d}.tar", samples)
+    items = list(iter_items(_spec("webdataset", shards / "{00000..00001}.tar")))
+    assert len(items) == 8
+    assert items[0].key == "00000.tar/000000000"
+    assert items[0].captions == (f"caption of {photos[0].stem}",)
+    assert items[5].load_bytes() == photos[5].read_bytes()
+    assert pickle.loads(pickle.dumps(items[5])).load_bytes() == photos[5].read_bytes()
+    single = list(iter_items(infer_source_spec(str(shards / "00001.tar"))))
+    assert [item.key for item in single] == [item.key for item in items[4:]]
+
+    with pytest.raises(SourceError, match="missing"):
+        list(iter_items(_spec("webdataset", shards / "{00000..00003}.tar")))
+    with pytest.raises(SourceError, match="start > end"):
+        list(iter_items(_spec("webdataset", shards / "{00003..00001}.tar")))
+    with pytest.raises(SourceError, match="bad brace"):
+        list(iter_items(_spec("webdataset", shards / "{0000x}.tar")))
+
+
+def test_expand_braces() -> None:
+    assert expand_braces("s/{008..011}.tar") == ["s/008.tar", "s/009.tar", "s/010.tar", "s/011.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    with pytest.raises(SourceError, match="unbalanced"):
+        expand_braces("s/{00..01.tar")
+
+
+def test_coco_labels_from_largest_area_and_captions(photo_dir: Path, tmp_path: Path) -> None:
+    images_dir = tmp_path / "val"
+    for name in ("chelsea", "coffee", "rocket"):
+        (images_dir).mkdir(exist_ok=True)
+        (images_dir / f"{name}.jpg").write_bytes(next(photo_dir.rglob(f"{name}.jpg")).read_bytes())
+    images = [{"id": i, "file_name": f"{name}.jpg"} for i, name in enumerate(("rocket", "chelsea", "coffee"))]
+    instances = {
+        "images": images,
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "cup"}, {"id": 3, "name": "dining table"}],
+        "annotations": [
+            {"image_id": 1, "category_id": 1, "area": 5000.0},
+            {"image_id": 2, "category_id": 2, "area": 300.0},  # two cups: 600 in total
+            {"image_id": 2, "category_id": 2, "area": 300.0},
+            {"image_id": 2, "category_id": 3, "area": 500.0},  # one larger table
+        ],
+    }
+    captions = {"images": images, "annotations": [{"image_id": 1, "caption": "a cat on a sofa"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    spec = infer_source_spec(
+        str(images_dir), annotations=[str(tmp_path / "instances.json"), str(tmp_path / "captions.json")]
+    )
+    assert spec.type == "coco"
+    items = list(iter_items(spec))
+    assert [item.key for item in items] == ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    assert [item.label for item in items] == ["cat", "cup", None]
+    assert items[0].captions == ("a cat on a sofa",)
+
+    (tmp_path / "broken.json").write_text(json.dumps({"images": [{"file_name": "x.jpg"}]}))
+    with pytest.raises(SourceError, match="malformed COCO"):
+        list(iter_items(_spec("coco", images_dir, annotations=[str(tmp_path / "broken.json")])))
+    with pytest.raises(SourceError, match="needs annotation files"):
+        list(iter_items(_spec("coco", images_dir)))
+
+
+def test_missing_and_unknown_sources(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        list(iter_items(_spec("folder", tmp_path / "nope")))
+    with pytest.raises(SourceError, match="no images"):
+        list(iter_items(_spec("folder", tmp_path)))
+    with pytest.raises(SourceError, match="does not exist"):
+        list(iter_items(_spec("files", tmp_path / "nope.txt")))
+    (tmp_path / "data.bin").write_bytes(b"x")
+    with pytest.raises(SourceError, match="--source-type"):
+        infer_source_spec(str(tmp_path / "data.bin"))
+    with pytest.raises(SourceError, match="does not exist"):
+        infer_source_spec(str(tmp_path / "missing"))
