@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -23,12 +24,23 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(f"{_LIBRARY_LOGGER}.{name}")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (test runners and notebooks swap it after set-up)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def set_verbosity(level: int) -> None:
     """Set the level of the library logger and give it a stderr handler if it has none."""
     logger = get_logger()
     logger.setLevel(level)
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False  # libraries that log via the root logger must not duplicate our lines

@@ -8,10 +8,8 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the network in tests
 
-import numpy as np
 import pytest
-from PIL import Image
-from skimage import data as skdata
+from photos import PHOTOS, save_photo
 
 TINY_CLIP_ARCH = "cpp-tiny-clip"
 TINY_CLIP_CONFIG = {
@@ -20,38 +18,11 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
-# name -> (class folder, skimage loader)
-_PHOTOS = {
-    "chelsea": ("animals", skdata.chelsea),
-    "motorcycle": ("objects", lambda: skdata.stereo_motorcycle()[0]),
-    "astronaut": ("people", skdata.astronaut),
-    "coffee": ("objects", skdata.coffee),
-    "rocket": ("objects", skdata.rocket),
-    "hubble": ("space", skdata.hubble_deep_field),
-    "camera": ("people", skdata.camera),
-    "coins": ("objects", skdata.coins),
-}
-
-
-def photo_array(name: str) -> np.ndarray:
-    """An skimage sample photo as an (H, W, 3) uint8 array."""
-    array = _PHOTOS[name][1]()
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
-
-
-def save_photo(name: str, path: Path, **save_kwargs: object) -> Path:
-    """Save an skimage sample photo; the format follows the suffix of ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(photo_array(name)).save(path, **save_kwargs)  # type: ignore[arg-type]
-    return path
-
 
 @pytest.fixture(scope="session")
 def _photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("photos")
-    for name, (folder, _) in _PHOTOS.items():
+    for name, (folder, _) in PHOTOS.items():
         save_photo(name, root / folder / f"{name}.jpg", quality=90)
     return root
 

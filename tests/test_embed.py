@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import photo_array
+from photos import photo_array
 from PIL import Image
 
 from cpp.cli import main

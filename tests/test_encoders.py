@@ -9,7 +9,7 @@ import time
 import open_clip
 import pytest
 import torch
-from conftest import photo_array
+from photos import photo_array
 from PIL import Image
 
 from cpp.encoders import Encoder, EncoderUnavailable, UnsupportedVocabulary, create_encoder

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import photo_array
+from photos import photo_array
 from PIL import Image
 
 from cpp.images import BadImage, decode_image

@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import save_photo
+from photos import save_photo
 from PIL import Image
 
 from cpp.errors import SourceError
