@@ -60,6 +60,12 @@ class FitConfig(BaseModel):
         description="rows of Π (clusters) sampled per step for an unbiased estimate of R_c; None: all rows",
     )
     warmup_epochs: int = Field(default=1, ge=0, description="epochs on −R(Z) alone")
+    view_k: int = Field(
+        default=0,
+        ge=0,
+        description="neighbour views: half of each batch are samples, the other half one of each sample's "
+        "view_k nearest neighbours (a positive pair for Π); 0: batches of independent samples",
+    )
     max_train_samples: int = Field(default=50_000, ge=2, description="train on a random subset above this")
     seed: int = 0
     device: str = "auto"
@@ -248,6 +254,11 @@ def fit_head(
     )
     batch = min(fit_config.batch_size, n)
     steps_per_epoch = max(1, n // batch)
+    view_k = min(fit_config.view_k, n - 1)
+    view_neighbours = torch.from_numpy(knn_indices(x_np, view_k)) if view_k else None
+    half = max(1, batch // 2)
+    if view_neighbours is not None:
+        steps_per_epoch = max(1, n // half)
     epochs = fit_config.epochs or auto_epochs(n, fit_config)
     generator = torch.Generator(device="cpu").manual_seed(fit_config.seed)
     history: list[dict[str, float]] = []
@@ -264,7 +275,12 @@ def fit_head(
             sums: dict[str, torch.Tensor] = {}
             for step in range(steps_per_epoch):
                 control.check_cancelled()
-                rows = order[step * batch : (step + 1) * batch].to(device)
+                if view_neighbours is None:
+                    rows = order[step * batch : (step + 1) * batch].to(device)
+                else:
+                    anchors = order[step * half : (step + 1) * half]
+                    pick = torch.randint(view_neighbours.shape[1], (len(anchors),), generator=generator)
+                    rows = torch.cat([anchors, view_neighbours[anchors, pick]]).to(device)
                 with _autocast(device):
                     z, c = head(_tokens(x, neighbours, rows))
                 loss, terms = rate_reduction_loss(z, c, fit_config, warmup=warmup)

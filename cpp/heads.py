@@ -23,7 +23,7 @@ class HeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["crate", "mlp"] = "crate"
-    width: int = Field(default=512, ge=8, description="model width (CRATE) or hidden width (MLP)")
+    width: int = Field(default=256, ge=8, description="model width (CRATE) or hidden width (MLP)")
     layers: int = Field(default=2, ge=1, description="CRATE layers")
     heads: int = Field(default=8, ge=1, description="MSSA heads (subspaces) per CRATE layer")
     z_dim: int = Field(default=128, ge=2, description="dimension of Z and C")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -97,3 +98,27 @@ def test_transform_rejects_wrong_dimension() -> None:
     fitted = fit_head(x, SMALL_HEAD, SMALL_FIT.model_copy(update={"epochs": 2}))
     with pytest.raises(CppError, match="dimension"):
         fitted.transform(np.ones((10, 7), dtype=np.float32))
+
+
+def test_cli_fit_writes_checkpoint_and_labels(tmp_path: Path) -> None:
+    from cpp.cli import main
+    from cpp.store import StoreWriter
+
+    x, _ = subspace_mixture(120, 20, 3, 2)
+    writer = StoreWriter.open(
+        tmp_path / "store",
+        {"encoder": "test", "source": "test"},
+        {"dim": 20, "dtype": "float32", "chunk_size": 200},
+    )
+    entries: list[dict[str, Any]] = [
+        {"key": str(i), "path": None, "captions": [], "label": None, "status": "ok", "reason": None}
+        for i in range(len(x))
+    ]
+    writer.write_chunk(x, entries)
+    writer.finish({})
+    out = tmp_path / "run"
+    argv = ["fit", str(tmp_path / "store"), "--out", str(out), "--clusters", "3", "--epochs", "2"]
+    assert main([*argv, "--batch-size", "64", "--context-k", "2", "--device", "cpu", "--quiet"]) == 0
+    assert np.load(out / "labels.npy").shape == (120,)
+    assert FittedHead.load(out, device="cpu").head_config.context_k == 2
+    assert main(["fit", str(tmp_path / "missing"), "--out", str(out), "--quiet"]) == 2

@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"cpp.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cpp.cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"cpp.cli.{name}").register(subparsers)
     return parser
 
 
