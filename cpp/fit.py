@@ -1,8 +1,10 @@
 """Training a clustering head by rate reduction: maximise R(Z) − γ R_c(Z, Π) − (β/2)‖Π‖²_F.
 
 Π is the doubly stochastic membership Sinkhorn derives from the cluster codes C. Training starts with a
-warm-up on −R(Z) alone, after which the C projection is initialised from the Z projection. Checkpoints are a
-safetensors file with the configuration as JSON beside it.
+warm-up on −R(Z) alone, after which the C projection is initialised from the Z projection. Without image
+augmentations, positive pairs come from *neighbour views*: half of each batch are anchors, the other half a
+random near neighbour of each anchor (``FitConfig.view_k``). Checkpoints are a safetensors file with the
+configuration as JSON beside it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int | None = Field(default=None, ge=1, description="None: enough epochs for ~target_steps steps")
-    target_steps: int = Field(default=300, ge=1, description="optimiser steps aimed at when epochs is None")
+    target_steps: int = Field(default=100, ge=1, description="optimiser steps aimed at when epochs is None")
     max_epochs: int = Field(default=50, ge=1, description="cap on automatic epochs")
     batch_size: int = Field(default=512, ge=8)
     lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate")
@@ -61,7 +63,7 @@ class FitConfig(BaseModel):
     )
     warmup_epochs: int = Field(default=1, ge=0, description="epochs on −R(Z) alone")
     view_k: int = Field(
-        default=0,
+        default=5,
         ge=0,
         description="neighbour views: half of each batch are samples, the other half one of each sample's "
         "view_k nearest neighbours (a positive pair for Π); 0: batches of independent samples",
@@ -184,7 +186,8 @@ class FittedHead:
 
 def auto_epochs(n_train: int, config: FitConfig) -> int:
     """Epochs giving about ``target_steps`` optimiser steps (at least warm-up + 1, at most ``max_epochs``)."""
-    steps_per_epoch = max(1, n_train // min(config.batch_size, n_train))
+    batch = min(config.batch_size, n_train)
+    steps_per_epoch = max(1, n_train // (max(1, batch // 2) if config.view_k else batch))
     epochs = math.ceil(config.target_steps / steps_per_epoch)
     return max(config.warmup_epochs + 1, min(epochs, config.max_epochs))
 
@@ -234,7 +237,12 @@ def fit_head(
     k = head_config.context_k
     if k >= n:
         raise FitInputError(f"context_k={k} needs more than {k} samples, got {n}; lower --context-k")
-    neighbours = torch.from_numpy(knn_indices(x_np, k)).to(device) if k else None
+    view_k = min(fit_config.view_k, n - 1)
+    # One search serves both the context tokens and the neighbour views (faiss returns nearest first).
+    knn = torch.from_numpy(knn_indices(x_np, max(k, view_k)))
+    neighbours = knn[:, :k].contiguous().to(device) if k else None
+    # Neighbour views: every epoch visits each sample once as an anchor, paired with a random neighbour.
+    view_neighbours = knn[:, :view_k].contiguous() if view_k else None
     x = torch.from_numpy(x_np).to(device)
 
     torch.manual_seed(fit_config.seed)
@@ -253,12 +261,8 @@ def fit_head(
         weight_decay=fit_config.weight_decay,
     )
     batch = min(fit_config.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
-    view_k = min(fit_config.view_k, n - 1)
-    view_neighbours = torch.from_numpy(knn_indices(x_np, view_k)) if view_k else None
     half = max(1, batch // 2)
-    if view_neighbours is not None:
-        steps_per_epoch = max(1, n // half)
+    steps_per_epoch = max(1, n // (half if view_k else batch))
     epochs = fit_config.epochs or auto_epochs(n, fit_config)
     generator = torch.Generator(device="cpu").manual_seed(fit_config.seed)
     history: list[dict[str, float]] = []

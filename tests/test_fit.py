@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cpp.errors import CppError
-from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.fit import FitConfig, FittedHead, auto_epochs, fit_head
 from cpp.heads import HeadConfig
 from cpp.progress import Cancelled, ProgressEvent, RunControl
 
@@ -47,6 +47,21 @@ def test_training_raises_the_rate_reduction_and_copies_z_into_c() -> None:
     assert "rate_clusters" not in history[0] and "rate_clusters" in history[1]
     reduction = [h["rate"] - h["rate_clusters"] for h in history[1:]]
     assert reduction[-1] > reduction[0]
+
+
+def test_auto_epochs_count_anchor_steps_with_neighbour_views() -> None:
+    plain = FitConfig(batch_size=100, target_steps=40, view_k=0, warmup_epochs=1)
+    assert auto_epochs(1000, plain) == 4  # 10 steps per epoch
+    assert auto_epochs(1000, plain.model_copy(update={"view_k": 5})) == 2  # 50 anchors per step
+
+
+def test_neighbour_views_are_repeatable_and_change_training() -> None:
+    x, _ = subspace_mixture(200, 20, 3, 2)
+    views = SMALL_FIT.model_copy(update={"view_k": 4})
+    a, b = fit_head(x, SMALL_HEAD, views), fit_head(x, SMALL_HEAD, views)
+    assert torch.equal(a.head.state_dict()["c_proj.weight"], b.head.state_dict()["c_proj.weight"])
+    plain = fit_head(x, SMALL_HEAD, SMALL_FIT.model_copy(update={"view_k": 0}))
+    assert not torch.equal(a.head.state_dict()["c_proj.weight"], plain.head.state_dict()["c_proj.weight"])
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
