@@ -224,3 +224,64 @@ def readout(
         labels, confidence, sums = assign(z, bases, control=control)
     centers = normalize_rows(sums.astype(np.float32))
     return Readout(labels, confidence, centers, bases, selection, z)
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a partition of unit rows under cosine distance (O(N²): small N only)."""
+    distance = 1.0 - x @ x.T
+    k = int(labels.max()) + 1
+    onehot = np.eye(k, dtype=np.float64)[labels]
+    sizes = onehot.sum(0)
+    mean_to = (distance @ onehot) / np.maximum(sizes, 1)  # (N, K) mean distance to each cluster
+    own = labels
+    own_size = sizes[own]
+    a = mean_to[np.arange(len(x)), own] * own_size / np.maximum(own_size - 1, 1)  # exclude the point itself
+    others = mean_to.copy()
+    others[np.arange(len(x)), own] = np.inf
+    others[:, sizes == 0] = np.inf
+    b = others.min(1)
+    score = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
+    score[own_size <= 1] = 0.0
+    return float(score.mean())
+
+
+def direct_readout(features: np.ndarray, clusters: int | str, *, seed: int = 0) -> Readout:
+    """Spherical k-means of the unit features (no head); K by silhouette when ``clusters='auto'``."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n = len(x)
+    if isinstance(clusters, int):
+        candidates = [clusters]
+    else:
+        candidates = list(range(2, max(2, min(MAX_AUTO_K, n // 2)) + 1))
+    partitions = [kmeans(x, k, seed=seed) for k in candidates]
+    scores = [silhouette(x, p) for p in partitions]
+    best = int(np.argmax(scores))
+    labels = partitions[best]
+    counts = np.bincount(labels)
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0]
+    mapping = np.empty(len(counts), dtype=np.int64)
+    mapping[order] = np.arange(len(order))
+    labels = mapping[labels]
+    k = len(order)
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, x.astype(np.float64))
+    centers = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+    similarity = x @ centers.T
+    own = similarity[np.arange(n), labels]
+    similarity[np.arange(n), labels] = -np.inf
+    second = similarity.max(1) if k > 1 else np.zeros(n, dtype=np.float32)
+    selection = KSelection(
+        method="fixed" if isinstance(clusters, int) else "silhouette",
+        k=k,
+        candidates=[] if isinstance(clusters, int) else candidates,
+    )
+    rank = max(1, min(8, x.shape[1] // k))
+    return Readout(
+        labels=labels,
+        confidence=np.clip(own - second, 0, 1).astype(np.float32),
+        centers=centers,
+        bases=cluster_bases(x, labels, k, rank),
+        k_selection=selection,
+        z=x.astype(np.float32),
+    )

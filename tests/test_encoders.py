@@ -95,3 +95,27 @@ def test_offline_encoder_names_real_photos(effnet: Encoder) -> None:
     assert {"espresso", "cup", "coffee mug", "tea cup"} & set(top5[1]), top5[1]
     with pytest.raises(UnsupportedVocabulary, match="no text tower"):
         effnet.embed_labels(["not an imagenet class"])
+
+
+def test_uint8_preprocessing_matches_the_float_transform() -> None:
+    from torchvision import transforms
+
+    from cpp.encoders.preprocessing import split_transform
+
+    full = transforms.Compose(
+        [
+            transforms.Resize(40),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3)),
+        ]
+    )
+    geometry, normalise = split_transform(full)
+    image = Image.fromarray(photo_array("coffee"))
+    raw = geometry(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 32, 32)
+    torch.testing.assert_close(normalise(raw[None])[0], full(image), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        normalise(raw[None].float())
+    with pytest.raises(ValueError, match="ToTensor, Normalize"):
+        split_transform(transforms.Compose([transforms.Resize(40)]))

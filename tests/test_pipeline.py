@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
 
 from cpp import pipeline
@@ -163,34 +162,3 @@ def test_committed_schema_is_current() -> None:
     assert module.SCHEMA_PATH.read_text(encoding="utf-8") == module.render(), (
         "docs/result.schema.json is stale: run python scripts/export_schema.py"
     )
-
-
-def test_silhouette_matches_the_definition() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((30, 5)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = rng.integers(0, 3, size=30)
-    labels[:2] = [0, 1]
-    labels[2] = 2
-    distance = 1.0 - x.astype(np.float64) @ x.T.astype(np.float64)
-    expected = []
-    for i in range(30):
-        same = (labels == labels[i]) & (np.arange(30) != i)
-        if not same.any():
-            expected.append(0.0)
-            continue
-        a = distance[i, same].mean()
-        b = min(distance[i, labels == j].mean() for j in set(labels.tolist()) - {labels[i]})
-        expected.append((b - a) / max(a, b))
-    assert pipeline.silhouette(x, labels) == pytest.approx(float(np.mean(expected)), abs=1e-5)
-
-
-def test_direct_readout_separates_planted_clusters() -> None:
-    rng = np.random.default_rng(1)
-    centres = np.eye(16, dtype=np.float32)[:4]
-    x = np.repeat(centres, 10, axis=0) + 0.05 * rng.standard_normal((40, 16)).astype(np.float32)
-    found = pipeline.direct_readout(x, "auto")
-    assert found.k_selection.method == "silhouette" and found.k_selection.k == 4
-    assert found.k_selection.candidates == list(range(2, 21))
-    assert len(set(zip(found.labels.tolist(), np.repeat(np.arange(4), 10).tolist(), strict=True))) == 4
-    assert found.bases.shape[:2] == (4, 16) and (found.confidence > 0.5).all()

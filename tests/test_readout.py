@@ -10,7 +10,15 @@ from cpp.fit import FitConfig, FittedHead, fit_head
 from cpp.heads import HeadConfig
 from cpp.knn import knn_indices
 from cpp.metrics import clustering_accuracy
-from cpp.readout import assign, candidate_ks, cluster_bases, kmeans_baseline, readout
+from cpp.readout import (
+    assign,
+    candidate_ks,
+    cluster_bases,
+    direct_readout,
+    kmeans_baseline,
+    readout,
+    silhouette,
+)
 
 
 def subspace_mixture(n: int, d: int, k: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -99,3 +107,34 @@ def test_knn_excludes_self_and_finds_neighbours() -> None:
     approx = knn_indices(np.repeat(x, 30, axis=0) + 0.01 * np.arange(120)[:, None], 3, exact_max=50)
     assert approx.shape == (120, 3)
     assert not (approx == np.arange(120)[:, None]).any()
+
+
+def test_silhouette_matches_the_definition() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 5)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.integers(0, 3, size=30)
+    labels[:2] = [0, 1]
+    labels[2] = 2
+    distance = 1.0 - x.astype(np.float64) @ x.T.astype(np.float64)
+    expected = []
+    for i in range(30):
+        same = (labels == labels[i]) & (np.arange(30) != i)
+        if not same.any():
+            expected.append(0.0)
+            continue
+        a = distance[i, same].mean()
+        b = min(distance[i, labels == j].mean() for j in set(labels.tolist()) - {labels[i]})
+        expected.append((b - a) / max(a, b))
+    assert silhouette(x, labels) == pytest.approx(float(np.mean(expected)), abs=1e-5)
+
+
+def test_direct_readout_separates_planted_clusters() -> None:
+    rng = np.random.default_rng(1)
+    centres = np.eye(16, dtype=np.float32)[:4]
+    x = np.repeat(centres, 10, axis=0) + 0.05 * rng.standard_normal((40, 16)).astype(np.float32)
+    found = direct_readout(x, "auto")
+    assert found.k_selection.method == "silhouette" and found.k_selection.k == 4
+    assert found.k_selection.candidates == list(range(2, 21))
+    assert len(set(zip(found.labels.tolist(), np.repeat(np.arange(4), 10).tolist(), strict=True))) == 4
+    assert found.bases.shape[:2] == (4, 16) and (found.confidence > 0.5).all()

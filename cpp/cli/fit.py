@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: by data size)")
     parser.add_argument("--batch-size", type=int, default=FitConfig().batch_size)
     parser.add_argument("--context-k", type=int, default=HeadConfig().context_k, help="neighbour tokens")
+    parser.add_argument(
+        "--view-k", type=int, default=FitConfig().view_k, help="neighbours a training view is drawn from"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -64,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         head_config = HeadConfig(type=args.head, context_k=args.context_k)
         fit_config = FitConfig(
-            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            view_k=args.view_k,
+            seed=args.seed,
+            device=args.device,
         )
     except ValueError as exc:
         raise CppError(f"invalid option: {exc}") from exc

@@ -23,8 +23,9 @@ class UnsupportedVocabulary(CppError):
 class Encoder(ABC):
     """An image encoder with a label space.
 
-    ``preprocess`` runs in decode workers (CPU, PIL in, CHW float tensor out); ``encode_images`` runs the
-    batched forward pass and returns float32, L2-normalised rows on the CPU.
+    ``preprocess`` runs in decode workers (CPU, PIL in, uint8 CHW tensor out: resize and crop only);
+    ``encode_images`` normalises the batch on the device, runs the forward pass and returns float32,
+    L2-normalised rows on the CPU.
     """
 
     #: Registry spec that rebuilds this encoder, e.g. ``open_clip:ViT-B-32/laion2b_s34b_b79k``.
@@ -37,11 +38,11 @@ class Encoder(ABC):
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Turn one RGB PIL image into a CHW float tensor ready for :meth:`encode_images`."""
+        """Resize and crop one RGB PIL image into a uint8 CHW tensor for :meth:`encode_images`."""
 
     @abstractmethod
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        """Encode an NCHW batch; returns an (N, dim) float32 CPU tensor with unit-norm rows."""
+        """Encode a uint8 NCHW batch; returns an (N, dim) float32 CPU tensor with unit-norm rows."""
 
     @abstractmethod
     def embed_labels(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from cpp.encoders.base import Encoder, EncoderUnavailable, UnsupportedVocabulary
+from cpp.encoders.preprocessing import split_transform
 from cpp.encoders.registry import register_encoder
 
 EFFNET_ID = "effnet-lite0-in1k"
@@ -63,13 +64,15 @@ class EffNetLite0Encoder(Encoder):
         self.model = model.eval().to(device)
         if device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._transform = transforms.Compose(
-            [
-                transforms.Resize(_RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(_IMAGE_SIZE),
-                transforms.ToTensor(),
-                transforms.Normalize(_MEAN, _STD),
-            ]
+        self._transform, self._normalise = split_transform(
+            transforms.Compose(
+                [
+                    transforms.Resize(_RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+                    transforms.CenterCrop(_IMAGE_SIZE),
+                    transforms.ToTensor(),
+                    transforms.Normalize(_MEAN, _STD),
+                ]
+            )
         )
         self._names = list(open_clip.IMAGENET_CLASSNAMES)
         self._index = {name: i for i, name in enumerate(self._names)}
@@ -79,7 +82,7 @@ class EffNetLite0Encoder(Encoder):
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
+        batch = self._normalise(batch.to(self.device, non_blocking=True))
         if self.device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):

@@ -21,6 +21,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 
 from cpp.encoders.base import Encoder, EncoderUnavailable
+from cpp.encoders.preprocessing import split_transform
 from cpp.encoders.registry import register_encoder
 from cpp.logging import get_logger
 
@@ -194,7 +195,7 @@ class OpenClipEncoder(Encoder):
                 f"cannot build open_clip model {arch} from {weights.file}: {exc}"
             ) from exc
         self.model = model.eval()
-        self._preprocess = preprocess
+        self._preprocess, self._normalise = split_transform(preprocess)
         self._weights = weights
         self.dim = int(open_clip.get_model_config(arch)["embed_dim"])
         self._preprocess_info = _describe_transform(model)
@@ -205,7 +206,7 @@ class OpenClipEncoder(Encoder):
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        batch = batch.to(self.device, dtype=dtype, non_blocking=True)
+        batch = self._normalise(batch.to(self.device, non_blocking=True), dtype)
         features = self.model.encode_image(batch)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
