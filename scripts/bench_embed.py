@@ -26,8 +26,8 @@ from cpp.sources import iter_items
 
 
 def bare_forward(encoder: Encoder, shape: tuple[int, ...], batch_size: int, images: int) -> dict[str, float]:
-    """Throughput of ``encode_images`` on pre-made tensors (one warm-up batch not timed)."""
-    batch = torch.randn(batch_size, *shape)
+    """Throughput of ``encode_images`` on pre-made uint8 tensors (one warm-up batch not timed)."""
+    batch = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8)
     encoder.encode_images(batch)
     batches = math.ceil(images / batch_size)
     started = time.perf_counter()
