@@ -93,12 +93,13 @@ class _UnitDataset(IterableDataset[_Unit]):
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode workers: on CPU one process beside the inference threads (measured best on 2 cores, see
-    docs/benchmarks/embed.md), more with more cores; on CUDA as many as the cores allow (up to 8)."""
+    """Decode worker processes. On a 2-core CPU machine none: decoding inline between batches beat one
+    worker competing with the inference threads (0.88 vs 0.82 of the bare forward, docs/benchmarks.md);
+    more cores get up to 4 beside inference; CUDA gets as many as the cores allow (up to 8)."""
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
-    return max(1, min(4, cores // 4))
+    return 0 if cores <= 2 else max(1, min(4, cores // 4))
 
 
 def plan_units(start: int, total: int, chunk_size: int, batch_size: int) -> list[tuple[int, int]]:

@@ -20,7 +20,9 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 MODEL = "effnet-lite0-in1k"
-OPTIONS = {"model": "auto", "clusters": 2, "epochs": 1, "batch_size": 2, "seed": 7}
+OPTIONS = {"model": "auto", "clusters": 2, "epochs": 1, "batch_size": 1, "seed": 7}
+VIEWS = 4  # each photo as itself, mirrored, and two crops: enough batches to kill the job mid-embedding
+IMAGES = 8 * VIEWS
 
 
 def free_port() -> int:
@@ -115,7 +117,7 @@ _PHOTOS = {  # name -> (class folder, scikit-image sample)
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 real photos from scikit-image in 4 class folders, downscaled to 128 px so a CPU run takes seconds."""
+    """8 scikit-image photos in 4 class folders, 4 views each, at 128 px: a CPU run takes seconds."""
     import numpy as np
     from skimage import data
 
@@ -127,7 +129,15 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
         image = Image.fromarray(np.ascontiguousarray(array[..., :3]))
         image.thumbnail((128, 128))
         (root / folder).mkdir(parents=True, exist_ok=True)
-        image.save(root / folder / f"{name}.jpg", quality=90)
+        w, h = image.size
+        views = [
+            image,
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            image.crop((0, 0, w * 3 // 4, h * 3 // 4)),
+            image.crop((w // 4, h // 4, w, h)),
+        ]
+        for number, view in enumerate(views):
+            view.save(root / folder / f"{name}_{number}.jpg", quality=90)
     return root
 
 
@@ -154,7 +164,7 @@ def reference(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         job = server.wait(response.json()["id"], "succeeded")
         assert job["options"]["model"] == MODEL and job["progress"]["stage"] == "name"
         result = server.http.get(f"/v1/jobs/{job['id']}/result").json()
-        assert result["run"]["counts"] == {"items": 8, "embedded": 8, "skipped": 0}
+        assert result["run"]["counts"] == {"items": IMAGES, "embedded": IMAGES, "skipped": 0}
         assert result["run"]["encoder"]["id"] == MODEL and len(result["clusters"]) == 2
         assert set(result["metrics"]) >= {"acc", "nmi", "ari"}
         yield _summary(server, job["id"])
@@ -164,7 +174,7 @@ def reference(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def test_served_job_matches_its_assignments(reference: tuple[list, dict]) -> None:
     clusters, assignments = reference
-    assert len(assignments) == 8 and sum(size for size, _ in clusters) == 8
+    assert len(assignments) == IMAGES and sum(size for size, _ in clusters) == IMAGES
     assert sorted(set(assignments.values())) == [0, 1]
     for cluster_id, (size, _) in enumerate(clusters):
         assert sum(c == cluster_id for c in assignments.values()) == size
