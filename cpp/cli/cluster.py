@@ -9,12 +9,12 @@ from typing import Literal
 
 from pydantic import ValidationError
 
+from cpp.cli.source_args import add_source_arguments, source_from_args
 from cpp.demo import make_demo_images
 from cpp.errors import CppError
 from cpp.options import ClusterOptions
 from cpp.pipeline import default_work_dir, run_cluster, runs_dir
 from cpp.result import ClusterResult
-from cpp.sources import infer_source_spec
 from cpp.vocab import BUILTIN_VOCABULARIES
 
 DEMO_MODEL = "effnet-lite0-in1k"
@@ -52,18 +52,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
-    parser.add_argument(
-        "--source-type",
-        choices=["folder", "files", "webdataset", "coco"],
-        default=None,
-        help="source type (default: inferred from SOURCE)",
-    )
-    parser.add_argument(
-        "--labels-from-folders", action="store_true", help="folder sources: parent folder = label"
-    )
-    parser.add_argument(
-        "--annotations", nargs="+", default=[], help="coco sources: instances/captions JSON files"
-    )
+    add_source_arguments(parser)
     parser.add_argument("--demo", action="store_true", help="cluster scikit-image's sample photos (offline)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -140,12 +129,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.source:
             raise CppError("give a SOURCE to cluster (or --demo)")
         model = args.model or "auto"
-        spec = infer_source_spec(
-            args.source,
-            args.source_type,
-            labels_from_folders=args.labels_from_folders,
-            annotations=args.annotations,
-        )
+        spec = source_from_args(args)
         work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(spec, model)
     options = _options(args, model)
     result = run_cluster(spec, options, work_dir)

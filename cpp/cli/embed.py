@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from cpp.cli.source_args import add_source_arguments, source_from_args
 from cpp.embed import DTYPES, embed_source
 from cpp.encoders import create_encoder
 from cpp.errors import CppError
 from cpp.images import DEFAULT_MAX_PIXELS
-from cpp.sources import infer_source_spec
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,18 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--workers", type=int, default=None, help="decode worker processes (default: by device)"
     )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
-    parser.add_argument(
-        "--source-type",
-        choices=["folder", "files", "webdataset", "coco"],
-        default=None,
-        help="source type (default: inferred from SOURCE)",
-    )
-    parser.add_argument(
-        "--labels-from-folders", action="store_true", help="folder sources: parent folder = label"
-    )
-    parser.add_argument(
-        "--annotations", nargs="+", default=[], help="coco sources: instances/captions JSON files"
-    )
+    add_source_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=4096, help="items per store chunk")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="stored feature precision")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
@@ -47,12 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = infer_source_spec(
-        args.source,
-        args.source_type,
-        labels_from_folders=args.labels_from_folders,
-        annotations=args.annotations,
-    )
+    spec = source_from_args(args)
     try:
         encoder = create_encoder(args.model, device=args.device)
     except ValueError as exc:  # unknown spec or bad argument
