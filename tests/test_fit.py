@@ -8,22 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from synthetic import subspace_mixture
 
 from cpp.errors import CppError
 from cpp.fit import FitConfig, FittedHead, auto_epochs, fit_head
 from cpp.heads import HeadConfig
 from cpp.progress import Cancelled, ProgressEvent, RunControl
-
-
-def subspace_mixture(n: int, d: int, k: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm points on ``k`` random ``dim``-dimensional subspaces of R^d, plus a common offset."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, k, n)
-    bases = np.linalg.qr(rng.standard_normal((k, d, dim)))[0]
-    x = np.einsum("ndr,nr->nd", bases[labels], rng.standard_normal((n, dim)))
-    x += 0.5 * rng.standard_normal(d)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
-
 
 SMALL_HEAD = HeadConfig(width=32, layers=1, heads=4, z_dim=16, context_k=3)
 SMALL_FIT = FitConfig(epochs=3, batch_size=64, warmup_epochs=1, cluster_rows=16, device="cpu")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Literal
 
 from pydantic import ValidationError
 
-from cpp.cli.source_args import add_source_arguments, source_from_args
+from cpp.cli.common import add_source_arguments, clusters_arg, source_from_args
 from cpp.demo import make_demo_images
 from cpp.errors import CppError
 from cpp.options import ClusterOptions
@@ -34,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--out", required=True, help="result JSON file to write")
     parser.add_argument("--model", default=None, help="encoder spec (see `cpp encoders`); default: auto")
-    parser.add_argument("--clusters", default="auto", help="'auto' or the number of clusters")
+    parser.add_argument(
+        "--clusters", type=clusters_arg, default="auto", help="'auto' or the number of clusters"
+    )
     parser.add_argument("--head", choices=["crate", "mlp"], default="crate", help="clustering head")
     parser.add_argument(
         "--vocabulary",
@@ -59,16 +60,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _options(args: argparse.Namespace, model: str) -> ClusterOptions:
-    clusters: Literal["auto"] | int = "auto"
-    if args.clusters != "auto":
-        try:
-            clusters = int(args.clusters)
-        except ValueError:
-            raise CppError(f"--clusters must be 'auto' or a whole number, got {args.clusters!r}") from None
     try:
         return ClusterOptions(
             model=model,
-            clusters=clusters,
+            clusters=args.clusters,
             head=args.head,
             vocabulary=args.vocabulary,
             epochs=args.epochs,

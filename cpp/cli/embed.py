@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cpp.cli.source_args import add_source_arguments, source_from_args
+from cpp.cli.common import add_source_arguments, source_from_args
 from cpp.embed import DTYPES, embed_source
 from cpp.encoders import create_encoder
 from cpp.errors import CppError

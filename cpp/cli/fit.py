@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cpp.cli.common import clusters_arg
 from cpp.errors import CppError
 from cpp.fit import FitConfig, fit_head
 from cpp.heads import HeadConfig
@@ -20,20 +21,6 @@ from cpp.store import FeatureStore
 log = get_logger("cli.fit")
 
 
-def _clusters(value: str) -> str | int:
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--clusters must be 'auto' or an integer ≥ 2, got {value!r}"
-        ) from None
-    if k < 2:
-        raise argparse.ArgumentTypeError(f"--clusters must be at least 2, got {k}")
-    return k
-
-
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "fit",
@@ -43,7 +30,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("features", type=Path, help="feature store directory written by `cpp embed`")
     parser.add_argument("--out", type=Path, required=True, help="output directory of the run")
-    parser.add_argument("--clusters", type=_clusters, default="auto", help="'auto' (default) or a number")
+    parser.add_argument("--clusters", type=clusters_arg, default="auto", help="'auto' (default) or a number")
     parser.add_argument("--head", choices=["crate", "mlp"], default="crate", help="head type (default crate)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: by data size)")
     parser.add_argument("--batch-size", type=int, default=FitConfig().batch_size)
