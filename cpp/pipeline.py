@@ -27,6 +27,7 @@ import numpy as np
 
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
+from cpp.engines import EmbedEngine
 from cpp.errors import CppError
 from cpp.fit import FitConfig, FittedHead, fit_head
 from cpp.heads import HeadConfig
@@ -207,12 +208,14 @@ def run_cluster(
     *,
     control: RunControl | None = None,
     encoder: Encoder | None = None,
+    engine: EmbedEngine | None = None,
 ) -> ClusterResult:
     """Cluster and name the images of ``source``; writes ``work_dir/result.json`` and returns the result.
 
     Resumable: the feature store in ``work_dir/features`` and the fitted head are reused when they match.
     Progress stages: ``embed``, ``fit``, ``readout`` and ``name``; :class:`~cpp.progress.Cancelled` is raised
-    between batches after ``control.cancel()``.
+    between batches after ``control.cancel()``. ``encoder`` and ``engine`` override the ones ``options``
+    imply (default engine: local).
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +230,12 @@ def run_cluster(
             raise PipelineError(f"model {options.model!r}: {exc}") from exc
     _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR)
     store = embed_source(
-        source, work_dir / FEATURES_DIR, encoder, batch_size=options.batch_size, control=control
+        source,
+        work_dir / FEATURES_DIR,
+        encoder,
+        batch_size=options.batch_size,
+        engine=engine,
+        control=control,
     )
     rows = store.rows()
     features = store.features()

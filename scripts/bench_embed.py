@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cpp.embed import default_workers, embed_source
+from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
+from cpp.engines import default_workers
 from cpp.options import SourceSpec
 from cpp.sources import iter_items
 

@@ -8,6 +8,7 @@ import json
 from cpp.cli.common import add_source_arguments, source_from_args
 from cpp.embed import DTYPES, embed_source
 from cpp.encoders import create_encoder
+from cpp.engines import create_engine, list_engines
 from cpp.errors import CppError
 from cpp.images import DEFAULT_MAX_PIXELS
 
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--out", required=True, help="feature store directory (resumed when partial)")
     parser.add_argument("--model", default="auto", help="encoder spec (see `cpp encoders`); default: auto")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--engine", choices=list_engines(), default="local", help="where images are decoded and encoded"
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="decode worker processes (default: by device)"
     )
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         encoder,
         batch_size=args.batch_size,
-        workers=args.workers,
+        engine=create_engine(args.engine, workers=args.workers),
         chunk_size=args.chunk_size,
         dtype=args.dtype,
         max_pixels=args.max_pixels,
