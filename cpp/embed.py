@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,14 @@ def embed_source(
     encode_s = 0.0
     chunk_features: list[np.ndarray] = []
     chunk_entries: list[dict[str, Any]] = []
-    with progress_bar(total=len(items), initial=resumed, unit="img", desc="embed", smoothing=0.1) as bar:
+    with (
+        progress_bar(total=len(items), initial=resumed, unit="img", desc="embed", smoothing=0.1) as bar,
+        closing(engine.run(items, units, encoder, max_pixels_used)) as encoded,  # stops the engine on errors
+    ):
         if resumed:
             stage.advance(resumed)
         expected = resumed
-        for unit in engine.run(items, units, encoder, max_pixels_used):
+        for unit in encoded:
             if unit.start != expected:
                 raise RuntimeError(f"embedding units out of order: got {unit.start}, expected {expected}")
             expected += unit.size

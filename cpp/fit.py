@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from cpp.errors import CppError
+from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.heads import CrateHead, HeadConfig, build_head
-from cpp.knn import knn_indices, normalize_rows
+from cpp.knn import build_index, knn_indices, normalize_rows, search_excluding
 from cpp.logging import get_logger, progress_bar
 from cpp.progress import RunControl
 from cpp.rate import coding_rate, coding_rate_clusters, membership
@@ -33,6 +35,9 @@ log = get_logger("fit")
 
 WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "head.json"
+#: Up to this many rows, context neighbours are searched among all rows; above it among a fixed random
+#: sample of this many (the reference set), so no whole-set index or matrix is ever held in memory.
+REFERENCE_MAX = 100_000
 
 
 class FitInputError(CppError):
@@ -95,9 +100,51 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def _check_features(features: np.ndarray) -> None:
-    if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] < 1:
+def _check_features(features: np.ndarray | FeatureMatrix) -> None:
+    if len(features.shape) != 2 or features.shape[0] < 2 or features.shape[1] < 1:
         raise FitInputError(f"features must be a 2-D array with at least 2 rows, got shape {features.shape}")
+
+
+class ContextTokens:
+    """Token sets for any rows of a feature matrix: each row followed by its ``k`` nearest reference rows.
+
+    The reference set is every row when there are at most ``reference_max`` (neighbours found once, exactly
+    as in training), else a fixed random sample of ``reference_max`` rows searched through a faiss index.
+    """
+
+    def __init__(self, matrix: FeatureMatrix, k: int, *, seed: int = 0, reference_max: int = REFERENCE_MAX):
+        self.k = k
+        self._neighbours: np.ndarray | None = None
+        self._index: Any = None
+        self._rows = np.zeros(0, dtype=np.int64)
+        self._reference = torch.zeros(0, matrix.dim)
+        if k == 0:
+            return
+        n = len(matrix)
+        if k >= n:
+            raise FitInputError(f"context_k={k} needs more than {k} samples, got {n}")
+        if n <= reference_max:
+            reference = normalize_rows(matrix.all())
+            self._neighbours = knn_indices(reference, k)
+        else:
+            rng = np.random.default_rng(seed)
+            self._rows = np.sort(rng.choice(n, size=reference_max, replace=False))
+            reference = normalize_rows(matrix.take(self._rows))
+            self._index = build_index(reference, seed=seed)
+        self._reference = torch.from_numpy(reference)
+
+    def tokens(self, rows: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        """``(B, 1 + k, d)`` token sets of ``rows`` whose unit features are ``x``."""
+        own = torch.from_numpy(x).unsqueeze(1)
+        if self.k == 0:
+            return own
+        if self._neighbours is not None:
+            neighbours = self._neighbours[rows]
+        else:
+            position = np.searchsorted(self._rows, rows)
+            inside = self._rows[np.minimum(position, len(self._rows) - 1)] == rows
+            neighbours = search_excluding(self._index, x, np.where(inside, position, -1), self.k)
+        return torch.cat([own, self._reference[torch.from_numpy(neighbours)]], dim=1)
 
 
 def _tokens(x: torch.Tensor, neighbours: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
@@ -121,30 +168,56 @@ class FittedHead:
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
 
+    def context(self, features: FeatureInput | FeatureMatrix) -> ContextTokens:
+        """The context-token builder of ``features`` for this head (reusable across calls)."""
+        return ContextTokens(as_matrix(features), self.head_config.context_k, seed=self.fit_config.seed)
+
+    def _check_dim(self, matrix: FeatureMatrix) -> None:
+        _check_features(matrix)
+        if matrix.dim != self.in_dim:
+            raise FitInputError(f"features have dimension {matrix.dim}, the head expects {self.in_dim}")
+
     @torch.no_grad()
-    def transform(self, features: np.ndarray, *, chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-        """``(Z, C)`` float32 of every row, in chunks; context tokens are neighbours within ``features``."""
-        _check_features(features)
-        if features.shape[1] != self.in_dim:
-            raise FitInputError(
-                f"features have dimension {features.shape[1]}, the head expects {self.in_dim}"
-            )
-        x_np = normalize_rows(features)
-        k = self.head_config.context_k
-        neighbours = torch.from_numpy(knn_indices(x_np, k)) if k else None
-        x = torch.from_numpy(x_np)
-        n, z_dim = x.shape[0], self.head_config.z_dim
-        z_out = np.empty((n, z_dim), dtype=np.float32)
-        c_out = np.empty((n, z_dim), dtype=np.float32)
+    def encode(
+        self, rows: np.ndarray, x: np.ndarray, context: ContextTokens, *, chunk_size: int = 16384
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(Z, C)`` float32 of ``rows`` with raw features ``x``; context tokens from ``context``."""
+        x = normalize_rows(x)
+        z_out = np.empty((len(x), self.head_config.z_dim), dtype=np.float32)
+        c_out = np.empty_like(z_out)
         device = self.device
         self.head.eval()
-        for start in range(0, n, chunk_size):
-            rows = torch.arange(start, min(start + chunk_size, n))
-            tokens = _tokens(x, neighbours, rows).to(device, non_blocking=True)
+        for start in range(0, len(x), chunk_size):
+            stop = min(start + chunk_size, len(x))
+            tokens = context.tokens(rows[start:stop], x[start:stop]).to(device, non_blocking=True)
             with _autocast(device):
                 z, c = self.head(tokens)
-            z_out[start : start + len(rows)] = z.float().cpu().numpy()
-            c_out[start : start + len(rows)] = c.float().cpu().numpy()
+            z_out[start:stop] = z.float().cpu().numpy()
+            c_out[start:stop] = c.float().cpu().numpy()
+        return z_out, c_out
+
+    def transform_blocks(
+        self, features: FeatureInput | FeatureMatrix, *, context: ContextTokens | None = None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(first_row, Z, C)`` block by block over every row (streamed; one block in memory at a time)."""
+        matrix = as_matrix(features)
+        self._check_dim(matrix)
+        context = context or self.context(matrix)
+        for start, block in matrix.blocks():
+            z, c = self.encode(np.arange(start, start + len(block)), block, context)
+            yield start, z, c
+
+    def transform(
+        self, features: FeatureInput | FeatureMatrix, *, context: ContextTokens | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(Z, C)`` float32 of every row, as two in-memory arrays."""
+        matrix = as_matrix(features)
+        z_dim = self.head_config.z_dim
+        z_out = np.empty((len(matrix), z_dim), dtype=np.float32)
+        c_out = np.empty((len(matrix), z_dim), dtype=np.float32)
+        for start, z, c in self.transform_blocks(matrix, context=context):
+            z_out[start : start + len(z)] = z
+            c_out[start : start + len(c)] = c
         return z_out, c_out
 
     def save(self, directory: str | Path) -> None:
@@ -212,27 +285,33 @@ def rate_reduction_loss(
 
 
 def fit_head(
-    features: np.ndarray,
+    features: FeatureInput,
     head_config: HeadConfig | None = None,
     fit_config: FitConfig | None = None,
     *,
     control: RunControl | None = None,
 ) -> FittedHead:
-    """Train a head on ``features`` ``(N, d)`` (rows are L2-normalised here) and return it."""
-    _check_features(features)
-    if not np.isfinite(features).all():
-        raise FitInputError("features contain NaN or infinite values; re-embed or drop those rows")
+    """Train a head on ``features`` ``(N, d)`` or a feature store (rows are L2-normalised here).
+
+    Above ``max_train_samples`` rows it trains on a random sample of them (read by index from a store).
+    """
+    matrix = as_matrix(features)
+    _check_features(matrix)
     head_config = head_config or HeadConfig()
     fit_config = fit_config or FitConfig()
     control = control or RunControl()
     device = resolve_device(fit_config.device)
     rng = np.random.default_rng(fit_config.seed)
-    n_all = features.shape[0]
+    n_all = len(matrix)
     if n_all > fit_config.max_train_samples:
         subset = np.sort(rng.choice(n_all, size=fit_config.max_train_samples, replace=False))
-        features = features[subset]
+        train = matrix.take(subset)
         log.info("training on a random subset of %d of %d samples", len(subset), n_all)
-    x_np = normalize_rows(features)
+    else:
+        train = matrix.all()
+    if not np.isfinite(train).all():
+        raise FitInputError("features contain NaN or infinite values; re-embed or drop those rows")
+    x_np = normalize_rows(train)
     n, in_dim = x_np.shape
     k = head_config.context_k
     if k >= n:

@@ -32,7 +32,17 @@ def knn_indices(
     if n <= k:
         raise ValueError(f"need more than k={k} points for a k-nearest-neighbour graph, got {n}")
     x = normalize_rows(features)
-    d = x.shape[1]
+    index = build_index(x, exact_max=exact_max, seed=seed)
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        out[start:stop] = search_excluding(index, x[start:stop], np.arange(start, stop), k)
+    return out
+
+
+def build_index(x: np.ndarray, *, exact_max: int = EXACT_MAX, seed: int = 0) -> faiss.Index:
+    """An inner-product index over unit rows ``x``: exact up to ``exact_max`` rows, else IVF (16 probes)."""
+    n, d = x.shape
     index: faiss.Index
     if n <= exact_max:
         index = faiss.IndexFlatIP(d)
@@ -41,16 +51,17 @@ def knn_indices(
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
-        index.train(sample)
+        index.train(x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))])
         index.nprobe = 16
     index.add(x)
-    out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        _, idx = index.search(x[start:stop], k + 1)
-        out[start:stop] = _drop_self(idx, np.arange(start, stop), k)
-    return out
+    return index
+
+
+def search_excluding(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """``(len(queries), k)`` nearest indexed rows of each query, leaving out its own position ``own``
+    (``-1`` for queries that are not in the index)."""
+    _, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+    return _drop_self(idx, own, k)
 
 
 def _drop_self(idx: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
@@ -59,6 +70,8 @@ def _drop_self(idx: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     # Rows where self was not returned (ties, approximate search): drop the last neighbour instead.
     missing = ~is_self.any(axis=1)
     is_self[missing, -1] = True
-    # Also guard against faiss's -1 padding when an IVF probe returns too few results.
+    # Guard against faiss's -1 padding when an IVF probe returns too few results: repeat the row itself
+    # (or, for a query outside the index, its nearest hit).
     kept = idx[~is_self].reshape(len(idx), k)
-    return np.where(kept < 0, own[:, None], kept)
+    fill = np.where(own >= 0, own, np.maximum(kept[:, 0], 0))
+    return np.where(kept < 0, fill[:, None], kept)

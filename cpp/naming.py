@@ -19,6 +19,7 @@ The defaults are the best combination on ``scripts/bench_naming.py`` (see docs/b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.fit import FittedHead
 from cpp.progress import StageReporter
 from cpp.vocab import Vocabulary
@@ -86,71 +88,59 @@ def labels_through_head(fitted: FittedHead, label_vectors: np.ndarray) -> np.nda
     return z.float().cpu().numpy()
 
 
-def binding_space(
-    features: np.ndarray,
-    label_vectors: np.ndarray,
-    config: NamingConfig,
-    *,
-    fitted: FittedHead | None = None,
-    z: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image rows and label rows, unit-norm, in the configured space (``z``: the head's Z of ``features``)."""
-    if config.space == "raw":
-        images, names = features.astype(np.float32, copy=False), label_vectors
+def _space_blocks(
+    matrix: FeatureMatrix, space: NamingSpace, fitted: FittedHead | None, z: np.ndarray | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first_row, block)`` of the image rows in the binding space, streamed."""
+    if space == "raw":
+        yield from matrix.blocks()
+    elif z is not None:
+        for start in range(0, len(z), _CHUNK):
+            yield start, z[start : start + _CHUNK]
     else:
         if fitted is None:
             raise ValueError("naming in the head space needs the fitted head")
-        images = z if z is not None else fitted.transform(features)[0]
-        names = labels_through_head(fitted, label_vectors)
-    if config.centre_features:
-        images = images - images.mean(axis=0, dtype=np.float64).astype(np.float32)
-    return _normalise(images), _normalise(names)
+        for start, z_block, _ in fitted.transform_blocks(matrix):
+            yield start, z_block
 
 
-def _top_names(images: np.ndarray, names: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image, the indices and cosines of its ``k`` best names, best first (chunked over images)."""
-    n = images.shape[0]
-    k = min(k, names.shape[0])
-    index = np.empty((n, k), dtype=np.int64)
-    score = np.empty((n, k), dtype=np.float32)
-    name_t = torch.from_numpy(names)
-    for start in range(0, n, _CHUNK):
-        sims = torch.from_numpy(images[start : start + _CHUNK]) @ name_t.T
-        top = sims.topk(k, dim=1)
-        index[start : start + len(sims)] = top.indices.numpy()
-        score[start : start + len(sims)] = top.values.numpy()
-    return index, score
+def _mean_row(blocks: Iterator[tuple[int, np.ndarray]], dim: int) -> np.ndarray:
+    total = np.zeros(dim, dtype=np.float64)
+    count = 0
+    for _, block in blocks:
+        total += block.sum(axis=0, dtype=np.float64)
+        count += len(block)
+    return (total / max(count, 1)).astype(np.float32)
 
 
-def _cluster_scores(
-    images: np.ndarray, names: np.ndarray, labels: np.ndarray, k: int, config: NamingConfig, top: np.ndarray
-) -> np.ndarray:
-    """``(k, V)`` score of every name for every cluster under ``config.method``."""
-    sizes = np.bincount(labels, minlength=k).astype(np.float64)
-    if config.method == "vote":
-        votes = np.zeros((k, names.shape[0]), dtype=np.float64)
-        np.add.at(votes, (np.repeat(labels, top.shape[1]), top.ravel()), 1.0)
-        return (votes / np.maximum(sizes, 1)[:, None]).astype(np.float32)
-    if config.method == "centre":
-        sums = np.zeros((k, images.shape[1]), dtype=np.float64)
-        np.add.at(sums, labels, images)
-        return _normalise(sums.astype(np.float32)) @ names.T
-    rng = np.random.default_rng(config.seed)
-    scores = np.zeros((k, names.shape[0]), dtype=np.float32)
-    for j in range(k):  # K small SVDs on at most _MAX_SVD_ROWS members each
+def _subspace_samples(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted row indices: up to ``_MAX_SVD_ROWS`` random members of every cluster."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for j in range(k):
         members = np.flatnonzero(labels == j)
-        if len(members) == 0:
-            continue
         if len(members) > _MAX_SVD_ROWS:
             members = rng.choice(members, size=_MAX_SVD_ROWS, replace=False)
-        _, _, vt = np.linalg.svd(images[members].astype(np.float64), full_matrices=False)
-        basis = vt[: config.rank].astype(np.float32)
-        scores[j] = np.linalg.norm(names @ basis.T, axis=1)
+        picked.append(members)
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _subspace_scores(
+    samples: np.ndarray, sample_labels: np.ndarray, names: np.ndarray, k: int, rank: int
+) -> np.ndarray:
+    """``(k, V)`` norm of each unit name projected on each cluster's top-``rank`` principal directions."""
+    scores = np.zeros((k, names.shape[0]), dtype=np.float32)
+    for j in range(k):  # K small SVDs on at most _MAX_SVD_ROWS members each
+        members = samples[sample_labels == j]
+        if len(members) == 0:
+            continue
+        _, _, vt = np.linalg.svd(members.astype(np.float64), full_matrices=False)
+        scores[j] = np.linalg.norm(names @ vt[:rank].astype(np.float32).T, axis=1)
     return scores
 
 
 def name_clusters(
-    features: np.ndarray,
+    features: FeatureInput,
     labels: np.ndarray,
     label_vectors: np.ndarray,
     vocabulary: Vocabulary,
@@ -162,20 +152,62 @@ def name_clusters(
 ) -> Naming:
     """Name the clusters ``labels`` (``(N,)`` in 0..K-1) of ``features`` from ``vocabulary``.
 
-    ``label_vectors`` are the vocabulary's embeddings (:func:`cpp.labels.embed_vocabulary`); ``fitted`` and
-    ``z`` are needed for the ``head`` space. ``stage`` (optional) is advanced twice.
+    ``features`` is an array or a feature store, read in blocks (two passes when centring). ``label_vectors``
+    are the vocabulary's embeddings (:func:`cpp.labels.embed_vocabulary`); ``fitted`` (and optionally ``z``,
+    the head's Z of ``features``) are needed for the ``head`` space. ``stage`` (optional) is advanced twice.
     """
     config = config or NamingConfig()
+    matrix = as_matrix(features)
     if label_vectors.shape[0] != len(vocabulary):
         raise ValueError(f"{label_vectors.shape[0]} label vectors for {len(vocabulary)} names")
-    if features.shape[0] != labels.shape[0]:
-        raise ValueError(f"{features.shape[0]} feature rows but {labels.shape[0]} cluster labels")
-    images, names = binding_space(features, label_vectors, config, fitted=fitted, z=z)
+    if len(matrix) != labels.shape[0]:
+        raise ValueError(f"{len(matrix)} feature rows but {labels.shape[0]} cluster labels")
+    if config.space == "head":
+        if fitted is None:
+            raise ValueError("naming in the head space needs the fitted head")
+        names = _normalise(labels_through_head(fitted, label_vectors))
+    else:
+        names = _normalise(label_vectors)
     k = int(labels.max()) + 1 if len(labels) else 0
-    top, top_scores = _top_names(images, names, max(config.vote_k, 1))
+    n = len(labels)
+    dim = names.shape[1]
+    mean = (
+        _mean_row(_space_blocks(matrix, config.space, fitted, z), dim)
+        if config.centre_features
+        else np.zeros(dim, dtype=np.float32)
+    )
+    vote_k = min(max(config.vote_k, 1), names.shape[0])
+    image_labels = np.empty(n, dtype=np.int64)
+    image_scores = np.empty(n, dtype=np.float32)
+    totals = np.zeros((k, dim if config.method == "centre" else names.shape[0]), dtype=np.float64)
+    sampled = _subspace_samples(labels, k, config.seed) if config.method == "subspace" else None
+    samples: list[np.ndarray] = []
+    name_t = torch.from_numpy(names)
+    for start, block in _space_blocks(matrix, config.space, fitted, z):
+        images = _normalise(block - mean)
+        block_labels = labels[start : start + len(images)]
+        top = (torch.from_numpy(images) @ name_t.T).topk(vote_k, dim=1)
+        image_labels[start : start + len(images)] = top.indices[:, 0].numpy()
+        image_scores[start : start + len(images)] = top.values[:, 0].numpy()
+        if config.method == "centre":
+            np.add.at(totals, block_labels, images)
+        elif config.method == "vote":
+            np.add.at(totals, (np.repeat(block_labels, vote_k), top.indices.numpy().ravel()), 1.0)
+        else:
+            assert sampled is not None
+            inside = sampled[(sampled >= start) & (sampled < start + len(images))]
+            samples.append(images[inside - start])
     if stage:
         stage.advance()
-    scores = _cluster_scores(images, names, labels, k, config, top)
+    if config.method == "centre":
+        scores = _normalise(totals.astype(np.float32)) @ names.T
+    elif config.method == "vote":
+        sizes = np.bincount(labels, minlength=k).astype(np.float64)
+        scores = (totals / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+    else:
+        assert sampled is not None
+        stacked = np.concatenate(samples) if samples else np.zeros((0, dim), dtype=np.float32)
+        scores = _subspace_scores(stacked, labels[sampled], names, k, config.rank)
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, : config.alternatives + 1]
     clusters: list[ClusterName] = []
     for j in range(k):
@@ -193,4 +225,4 @@ def name_clusters(
         )
     if stage:
         stage.advance()
-    return Naming(clusters, top[:, 0].copy(), top_scores[:, 0].copy())
+    return Naming(clusters, image_labels, image_scores)

@@ -91,7 +91,6 @@ def _head_key(store: FeatureStore, head: HeadConfig, fit: FitConfig) -> dict[str
 
 def _fit_or_reuse(
     store: FeatureStore,
-    features: np.ndarray,
     head: HeadConfig,
     fit: FitConfig,
     directory: Path,
@@ -104,19 +103,10 @@ def _fit_or_reuse(
         log.info("reusing the fitted head in %s", directory)
         control.stage("fit", 1).advance()
         return FittedHead.load(directory, device=fit.device)
-    fitted = fit_head(features, head, fit, control=control)
+    fitted = fit_head(store, head, fit, control=control)
     fitted.save(directory)
     key_file.write_text(json.dumps(key))
     return fitted
-
-
-def _representatives(z: np.ndarray, result: Readout, count: int) -> list[np.ndarray]:
-    """Per cluster, the row indices of the ``count`` members nearest its centre (best first)."""
-    closeness = np.einsum("nd,nd->n", z, result.centers[result.labels])
-    order = np.lexsort((-closeness, result.labels))
-    starts = np.searchsorted(result.labels[order], np.arange(len(result.centers)))
-    ends = np.append(starts[1:], len(order))
-    return [order[s : min(e, s + count)] for s, e in zip(starts, ends, strict=True)]
 
 
 def _true_labels(rows: Sequence[RowRecord]) -> tuple[np.ndarray, list[str]] | None:
@@ -238,7 +228,6 @@ def run_cluster(
         control=control,
     )
     rows = store.rows()
-    features = store.features()
     n = len(rows)
     timings["embed"] = time.perf_counter() - started
     if n < MIN_IMAGES:
@@ -267,17 +256,26 @@ def run_cluster(
         control.stage("fit", 1).advance()
     else:
         head_config, fit_config = head_configs(n, options)
-        fitted = _fit_or_reuse(store, features, head_config, fit_config, work_dir / HEAD_DIR, control)
+        fitted = _fit_or_reuse(store, head_config, fit_config, work_dir / HEAD_DIR, control)
         head_info = head_config.model_dump()
     timings["fit"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     if fitted is None:
         stage = control.stage("readout", 1)
-        found = direct_readout(features, options.clusters, seed=options.seed)
+        found = direct_readout(
+            store.features(), options.clusters, seed=options.seed, representatives=REPRESENTATIVES
+        )
         stage.advance()
     else:
-        found = readout(fitted, features, options.clusters, seed=options.seed, control=control)
+        found = readout(
+            fitted,
+            store,
+            options.clusters,
+            seed=options.seed,
+            control=control,
+            representatives=REPRESENTATIVES,
+        )
     timings["readout"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -289,7 +287,7 @@ def run_cluster(
         encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=work_dir / LABELS_DIR, stage=stage
     )
     naming = name_clusters(
-        features,
+        store,
         found.labels,
         label_vectors,
         vocabulary,
@@ -301,7 +299,6 @@ def run_cluster(
     timings["name"] = time.perf_counter() - tick
 
     sizes = np.bincount(found.labels, minlength=len(found.centers))
-    nearest = _representatives(found.z, found, REPRESENTATIVES)
     clusters = [
         Cluster(
             id=j,
@@ -310,7 +307,7 @@ def run_cluster(
             score=round(named.score, 5),
             uncertain=named.uncertain,
             alternatives=[NameScore(name=a, score=round(s, 5)) for a, s in named.alternatives],
-            representatives=[rows[i].path or rows[i].key for i in nearest[j]],
+            representatives=[rows[i].path or rows[i].key for i in found.representatives[j]],
         )
         for j, named in enumerate(naming.clusters)
     ]

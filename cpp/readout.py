@@ -2,8 +2,9 @@
 
 Up to ``max_spectral`` samples are clustered directly by spectral clustering of a sparse kNN graph on the
 cluster codes C. Above that, a random landmark subset is clustered that way and every sample is then assigned
-to its nearest cluster subspace (top-r basis of the landmarks' Z per cluster), streamed in chunks: memory is
-O(N·d), never O(N²). ``clusters="auto"`` picks K with the smallest coding length of Z over a candidate range.
+to its nearest cluster subspace (top-r basis of the landmarks' Z per cluster), streamed block by block from
+memory or a feature store: memory is O(N) for the labels plus one block, never O(N·d) or O(N²).
+``clusters="auto"`` picks K with the smallest coding length of Z over a candidate range.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from scipy.sparse.linalg import eigsh
 
 from cpp.errors import CppError
+from cpp.features import FeatureInput, as_matrix
 from cpp.fit import FittedHead
 from cpp.knn import knn_indices, normalize_rows
 from cpp.logging import get_logger
@@ -43,14 +45,16 @@ class ReadoutError(CppError):
 
 @dataclass
 class Readout:
-    """Per sample: cluster and confidence; per cluster: centre and subspace basis; and how K was chosen."""
+    """Per sample: cluster and confidence; per cluster: centre, subspace basis and the members nearest the
+    centre; and how K was chosen."""
 
     labels: np.ndarray  # (N,) int64 in 0..K-1
     confidence: np.ndarray  # (N,) float32 in [0, 1]
     centers: np.ndarray  # (K, z_dim) unit-norm
     bases: np.ndarray  # (K, z_dim, r) orthonormal columns (zero columns for clusters with < r members)
     k_selection: KSelection
-    z: np.ndarray  # (N, z_dim) the subspace features used
+    representatives: list[np.ndarray]  # per cluster, row indices of the members nearest its centre
+    z: np.ndarray | None  # (N, z_dim) the subspace features, kept when every row was clustered in memory
 
 
 def kmeans(x: np.ndarray, k: int, *, seed: int = 0, spherical: bool = True, redo: int = 3) -> np.ndarray:
@@ -124,28 +128,50 @@ def subspace_scores(z: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nd,kdr->nkr", z, bases).pow(2).sum(-1)
 
 
-def assign(
-    z: np.ndarray, bases: np.ndarray, *, chunk_size: int = 65536, control: RunControl | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Streamed nearest-subspace assignment: labels, score margins (confidence), and per-cluster Z sums."""
-    n, d = z.shape
-    k = bases.shape[0]
-    labels = np.empty(n, dtype=np.int64)
-    margin = np.empty(n, dtype=np.float32)
-    sums = torch.zeros(k, d, dtype=torch.float64)
-    b = torch.from_numpy(bases)
-    stage = control.stage("assign", n) if control else None
-    for start in range(0, n, chunk_size):
-        chunk = torch.from_numpy(z[start : start + chunk_size])
-        scores = subspace_scores(chunk, b)
-        top = scores.topk(min(2, k), dim=1)
-        labels[start : start + len(chunk)] = top.indices[:, 0].numpy()
-        second = top.values[:, 1] if k > 1 else torch.zeros(len(chunk))
-        margin[start : start + len(chunk)] = (top.values[:, 0] - second).clamp(0, 1).numpy()
-        sums.index_add_(0, top.indices[:, 0], chunk.double())
-        if stage:
-            stage.advance(len(chunk))
-    return labels, margin, sums.numpy()
+class _Assigner:
+    """Streamed nearest-subspace assignment: labels, score margins (confidence), per-cluster Z sums and the
+    ``count`` members of each cluster nearest a reference centre, accumulated block by block."""
+
+    def __init__(self, n: int, bases: np.ndarray, reference_centers: np.ndarray, count: int) -> None:
+        self.k, self.d = bases.shape[0], bases.shape[1]
+        self.bases = torch.from_numpy(bases)
+        self.reference = reference_centers
+        self.count = count
+        self.labels = np.empty(n, dtype=np.int64)
+        self.margin = np.empty(n, dtype=np.float32)
+        self.sums = torch.zeros(self.k, self.d, dtype=torch.float64)
+        self._best_rows = np.zeros(0, dtype=np.int64)
+        self._best_labels = np.zeros(0, dtype=np.int64)
+        self._best_close = np.zeros(0, dtype=np.float32)
+
+    def add(self, start: int, z: np.ndarray) -> None:
+        chunk = torch.from_numpy(z)
+        top = subspace_scores(chunk, self.bases).topk(min(2, self.k), dim=1)
+        labels = top.indices[:, 0].numpy()
+        second = top.values[:, 1] if self.k > 1 else torch.zeros(len(chunk))
+        self.labels[start : start + len(z)] = labels
+        self.margin[start : start + len(z)] = (top.values[:, 0] - second).clamp(0, 1).numpy()
+        self.sums.index_add_(0, top.indices[:, 0], chunk.double())
+        if self.count == 0:
+            return
+        rows = np.concatenate([self._best_rows, np.arange(start, start + len(z))])
+        labels = np.concatenate([self._best_labels, labels])
+        closeness = np.concatenate(
+            [self._best_close, np.einsum("nd,nd->n", z, self.reference[labels[-len(z) :]])]
+        )
+        kept = _nearest_per_cluster(labels, closeness, self.count)
+        self._best_rows, self._best_labels, self._best_close = rows[kept], labels[kept], closeness[kept]
+
+    def representatives(self) -> list[np.ndarray]:
+        return [self._best_rows[self._best_labels == j] for j in range(self.k)]
+
+
+def _nearest_per_cluster(labels: np.ndarray, closeness: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` highest-``closeness`` entries per label, grouped by label, best first."""
+    order = np.lexsort((-closeness, labels))
+    sorted_labels = labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    return order[np.arange(len(order)) - first < count]
 
 
 def _own_margin(z: np.ndarray, bases: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -164,7 +190,7 @@ def candidate_ks(n: int) -> list[int]:
 
 def readout(
     fitted: FittedHead,
-    features: np.ndarray,
+    features: FeatureInput,
     clusters: Literal["auto"] | int = "auto",
     *,
     seed: int = 0,
@@ -172,18 +198,21 @@ def readout(
     max_spectral: int = 20_000,
     rank: int | None = None,
     selection_eps2: float = SELECTION_EPS2,
+    representatives: int = 5,
 ) -> Readout:
-    """Cluster every row of ``features`` with ``fitted``'s head (see module docstring).
+    """Cluster every row of ``features`` (an array or a feature store) with ``fitted``'s head.
 
     ``rank`` is the dimension of each cluster's subspace basis (default ``z_dim // K``, at least 1);
-    ``selection_eps2`` the distortion of the coding length that chooses K.
+    ``selection_eps2`` the distortion of the coding length that chooses K; ``representatives`` the members
+    listed per cluster (nearest its centre; above ``max_spectral`` rows, nearest the landmarks' centre).
     """
-    n = features.shape[0]
+    matrix = as_matrix(features)
+    n = len(matrix)
     if clusters != "auto" and not (isinstance(clusters, int) and 2 <= clusters <= n):
         raise ReadoutError(
             f"clusters must be 'auto' or an integer in 2..{n} (the sample count), got {clusters!r}"
         )
-    z, c = fitted.transform(features)
+    context = fitted.context(matrix)
     rng = np.random.default_rng(seed)
     landmarks = (
         np.arange(n) if n <= max_spectral else np.sort(rng.choice(n, size=max_spectral, replace=False))
@@ -194,14 +223,15 @@ def readout(
         raise ReadoutError(
             f"{max(candidates)} clusters need more than {max(candidates) + 1} samples, got {n_land}"
         )
-    embedding = spectral_embedding(c[landmarks], max(candidates))
-    z_land = torch.from_numpy(z[landmarks])
+    z_land, c_land = fitted.encode(landmarks, matrix.take(landmarks), context)
+    embedding = spectral_embedding(c_land, max(candidates))
+    z_land_t = torch.from_numpy(z_land)
     best: tuple[float, np.ndarray] | None = None
     lengths: list[float] = []
     stage = control.stage("readout", len(candidates)) if control else None
     for k in candidates:
         labels_k = _spectral_labels(embedding, k, seed)
-        length = float(coding_length(z_land, torch.from_numpy(labels_k), selection_eps2))
+        length = float(coding_length(z_land_t, torch.from_numpy(labels_k), selection_eps2))
         lengths.append(length)
         if best is None or length < best[0]:
             best = (length, labels_k)
@@ -219,17 +249,30 @@ def readout(
     )
     if k_final != chosen:
         log.warning("k-means left %d of %d clusters empty", chosen - k_final, chosen)
-    r = rank or max(1, z.shape[1] // k_final)
-    bases = cluster_bases(z[landmarks], land_labels, k_final, r)
+    r = rank or max(1, z_land.shape[1] // k_final)
+    bases = cluster_bases(z_land, land_labels, k_final, r)
     if n_land == n:
-        labels = land_labels
-        confidence = _own_margin(z, bases, labels)
-        sums = np.zeros((k_final, z.shape[1]))
-        np.add.at(sums, labels, z.astype(np.float64))
-    else:
-        labels, confidence, sums = assign(z, bases, control=control)
-    centers = normalize_rows(sums.astype(np.float32))
-    return Readout(labels, confidence, centers, bases, selection, z)
+        sums = np.zeros((k_final, z_land.shape[1]))
+        np.add.at(sums, land_labels, z_land.astype(np.float64))
+        centers = normalize_rows(sums.astype(np.float32))
+        nearest = _nearest_per_cluster(
+            land_labels, np.einsum("nd,nd->n", z_land, centers[land_labels]), representatives
+        )
+        reps = [nearest[land_labels[nearest] == j] for j in range(k_final)]
+        confidence = _own_margin(z_land, bases, land_labels)
+        return Readout(land_labels, confidence, centers, bases, selection, reps, z_land)
+    land_sums = np.zeros((k_final, z_land.shape[1]))
+    np.add.at(land_sums, land_labels, z_land.astype(np.float64))
+    assigner = _Assigner(n, bases, normalize_rows(land_sums.astype(np.float32)), representatives)
+    stage = control.stage("assign", n) if control else None
+    for start, z_block, _ in fitted.transform_blocks(matrix, context=context):
+        assigner.add(start, z_block)
+        if stage:
+            stage.advance(len(z_block))
+    centers = normalize_rows(assigner.sums.numpy().astype(np.float32))
+    return Readout(
+        assigner.labels, assigner.margin, centers, bases, selection, assigner.representatives(), None
+    )
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
@@ -251,7 +294,9 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     return float(score.mean())
 
 
-def direct_readout(features: np.ndarray, clusters: int | str, *, seed: int = 0) -> Readout:
+def direct_readout(
+    features: np.ndarray, clusters: int | str, *, seed: int = 0, representatives: int = 5
+) -> Readout:
     """Spherical k-means of the unit features (no head); K by silhouette when ``clusters='auto'``."""
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     n = len(x)
@@ -283,11 +328,13 @@ def direct_readout(features: np.ndarray, clusters: int | str, *, seed: int = 0) 
         candidates=[] if isinstance(clusters, int) else candidates,
     )
     rank = max(1, min(8, x.shape[1] // k))
+    nearest = _nearest_per_cluster(labels, own, representatives)
     return Readout(
         labels=labels,
         confidence=np.clip(own - second, 0, 1).astype(np.float32),
         centers=centers,
         bases=cluster_bases(x, labels, k, rank),
         k_selection=selection,
+        representatives=[nearest[labels[nearest] == j] for j in range(k)],
         z=x.astype(np.float32),
     )

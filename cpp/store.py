@@ -185,6 +185,28 @@ class FeatureStore:
         for chunk in self._chunks:
             yield self._load_chunk(chunk)
 
+    def iter_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first_row, float32 block)`` per chunk, in row order; one chunk in memory at a time."""
+        start = 0
+        for chunk in self.iter_chunks():
+            yield start, np.array(chunk, dtype=np.float32)  # a copy: the memory map is released
+            start += len(chunk)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 features of ``rows`` (any order), reading only the chunks (and pages) they touch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row indices must be in 0..{len(self) - 1}")
+        bounds = np.cumsum([0] + [int(chunk["rows"]) for chunk in self._chunks])
+        which = np.searchsorted(bounds, rows, side="right") - 1
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for number in np.unique(which):
+            selected = np.flatnonzero(which == number)
+            local = rows[selected] - bounds[number]
+            order = np.argsort(local, kind="stable")  # ascending reads of the memory map
+            out[selected[order]] = self._load_chunk(self._chunks[number])[local[order]]
+        return out
+
     def features(self, dtype: np.dtype[Any] | type = np.float32) -> np.ndarray:
         """All features as one ``(len(self), dim)`` array of ``dtype``."""
         parts = [np.asarray(chunk, dtype=dtype) for chunk in self.iter_chunks()]

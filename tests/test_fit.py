@@ -64,7 +64,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert loaded.fit_config == fitted.fit_config
     assert loaded.history == fitted.history
     z1, c1 = fitted.transform(x)
-    z2, c2 = loaded.transform(x, chunk_size=40)
+    z2, c2 = loaded.transform(x)
     np.testing.assert_allclose(z1, z2, atol=1e-6)
     np.testing.assert_allclose(c1, c2, atol=1e-6)
     assert z1.dtype == np.float32 and z1.shape == (150, 16)

@@ -12,9 +12,7 @@ from cpp.heads import HeadConfig
 from cpp.knn import knn_indices
 from cpp.metrics import clustering_accuracy
 from cpp.readout import (
-    assign,
     candidate_ks,
-    cluster_bases,
     direct_readout,
     kmeans_baseline,
     readout,
@@ -63,18 +61,6 @@ def test_landmark_path_matches_spectral_path(fitted_data: tuple[FittedHead, np.n
     out = readout(fitted, x, 4, max_spectral=300)
     assert out.labels.shape == (600,)
     assert clustering_accuracy(y, out.labels) > 0.8
-
-
-def test_streamed_assignment_is_chunk_independent() -> None:
-    rng = np.random.default_rng(0)
-    z = rng.standard_normal((500, 8)).astype(np.float32)
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    labels = rng.integers(0, 3, 500)
-    bases = cluster_bases(z, labels, 3, 2)
-    a = assign(z, bases, chunk_size=64)
-    b = assign(z, bases, chunk_size=500)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[2], b[2], atol=1e-9)
 
 
 def test_bad_cluster_count_is_a_user_error(fitted_data: tuple[FittedHead, np.ndarray, np.ndarray]) -> None:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cpp.cli.common import add_source_arguments, clusters_arg, source_from_args
+from cpp.cli.common import (
+    add_engine_arguments,
+    add_source_arguments,
+    clusters_arg,
+    engine_from_args,
+    source_from_args,
+)
 from cpp.demo import make_demo_images
 from cpp.errors import CppError
 from cpp.options import ClusterOptions
@@ -54,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     add_source_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--demo", action="store_true", help="cluster scikit-image's sample photos (offline)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         spec = source_from_args(args)
         work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(spec, model)
     options = _options(args, model)
-    result = run_cluster(spec, options, work_dir)
+    result = run_cluster(spec, options, work_dir, engine=engine_from_args(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if result.assignments_file is not None:

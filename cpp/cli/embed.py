@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from cpp.cli.common import add_source_arguments, source_from_args
+from cpp.cli.common import add_engine_arguments, add_source_arguments, engine_from_args, source_from_args
 from cpp.embed import DTYPES, embed_source
 from cpp.encoders import create_encoder
-from cpp.engines import create_engine, list_engines
 from cpp.errors import CppError
 from cpp.images import DEFAULT_MAX_PIXELS
 
@@ -24,14 +23,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--out", required=True, help="feature store directory (resumed when partial)")
     parser.add_argument("--model", default="auto", help="encoder spec (see `cpp encoders`); default: auto")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--engine", choices=list_engines(), default="local", help="where images are decoded and encoded"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decode worker processes (default: by device)"
-    )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     add_source_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=4096, help="items per store chunk")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="stored feature precision")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
@@ -41,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     spec = source_from_args(args)
+    engine = engine_from_args(args)
     try:
         encoder = create_encoder(args.model, device=args.device)
     except ValueError as exc:  # unknown spec or bad argument
@@ -50,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         encoder,
         batch_size=args.batch_size,
-        engine=create_engine(args.engine, workers=args.workers),
+        engine=engine,
         chunk_size=args.chunk_size,
         dtype=args.dtype,
         max_pixels=args.max_pixels,

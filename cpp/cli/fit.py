@@ -44,10 +44,11 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_features(path: Path) -> np.ndarray:
+def _open_store(path: Path) -> FeatureStore:
+    """The store at ``path``; fit samples it and the readout streams it, so it is never loaded whole."""
     if not path.is_dir():
         raise CppError(f"{path} is not a directory: pass a feature store written by `cpp embed`")
-    return np.asarray(FeatureStore.open(path).features())
+    return FeatureStore.open(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CppError(f"invalid option: {exc}") from exc
-    features = _load_features(args.features)
+    features = _open_store(args.features)
     control = RunControl()
     fitted = fit_head(features, head_config, fit_config, control=control)
     out: Path = args.out

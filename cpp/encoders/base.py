@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cpp.encoders.preprocessing import ImageGeometry
 from cpp.errors import CppError
 
 
@@ -25,7 +26,8 @@ class Encoder(ABC):
 
     ``preprocess`` runs in decode workers (CPU, PIL in, uint8 CHW tensor out: resize and crop only);
     ``encode_images`` normalises the batch on the device, runs the forward pass and returns float32,
-    L2-normalised rows on the CPU.
+    L2-normalised rows on the CPU. ``geometry``, when set, is what ``preprocess`` does, as data, for
+    engines that resize and crop decoded tensors on the device.
     """
 
     #: Registry spec that rebuilds this encoder, e.g. ``open_clip:ViT-B-32/laion2b_s34b_b79k``.
@@ -35,6 +37,8 @@ class Encoder(ABC):
     device: torch.device
     #: Whether :meth:`embed_labels` accepts arbitrary names (a text tower) or only a fixed label set.
     has_text_tower: bool = False
+    #: The resize/crop of :meth:`preprocess` as data (``None``: it has no tensor equivalent).
+    geometry: ImageGeometry | None = None
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:

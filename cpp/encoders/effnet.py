@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from cpp.encoders.base import Encoder, EncoderUnavailable, UnsupportedVocabulary
-from cpp.encoders.preprocessing import split_transform
+from cpp.encoders.preprocessing import split_transform, tensor_geometry
 from cpp.encoders.registry import register_encoder
 
 EFFNET_ID = "effnet-lite0-in1k"
@@ -74,6 +74,7 @@ class EffNetLite0Encoder(Encoder):
                 ]
             )
         )
+        self.geometry = tensor_geometry(self._transform)
         self._names = list(open_clip.IMAGENET_CLASSNAMES)
         self._index = {name: i for i, name in enumerate(self._names)}
 

@@ -21,7 +21,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 
 from cpp.encoders.base import Encoder, EncoderUnavailable
-from cpp.encoders.preprocessing import split_transform
+from cpp.encoders.preprocessing import split_transform, tensor_geometry
 from cpp.encoders.registry import register_encoder
 from cpp.logging import get_logger
 
@@ -196,6 +196,7 @@ class OpenClipEncoder(Encoder):
             ) from exc
         self.model = model.eval()
         self._preprocess, self._normalise = split_transform(preprocess)
+        self.geometry = tensor_geometry(self._preprocess)
         self._weights = weights
         self.dim = int(open_clip.get_model_config(arch)["embed_dim"])
         self._preprocess_info = _describe_transform(model)

@@ -1,15 +1,23 @@
 """Split image preprocessing: geometry to uint8 on the CPU, normalisation batched on the encoder's device.
 
 Decode workers then do the least work per image and ship a quarter of the bytes of a float tensor; the
-normalisation of a whole batch is one vectorised operation (on the GPU when there is one).
+normalisation of a whole batch is one vectorised operation (on the GPU when there is one). The geometry is
+also available as data (:class:`ImageGeometry`) so that an engine can resize and crop decoded tensors on the
+device instead of PIL images on the CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+#: Steps that only convert a PIL image's mode; decoded RGB tensors need nothing for them.
+_MODE_STEPS = frozenset({"MaybeConvertMode", "_convert_to_rgb"})
 
 
 class BatchNormaliser:
@@ -40,3 +48,48 @@ def split_transform(transform: transforms.Compose) -> tuple[transforms.Compose, 
     return transforms.Compose([*geometry, transforms.PILToTensor()]), BatchNormaliser(
         normalize.mean, normalize.std
     )
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Resize, then optionally centre-crop, as data: the same geometry for PIL images and uint8 tensors.
+
+    ``size`` is ``(s,)`` to scale the shorter side to ``s`` (aspect ratio kept, as ``transforms.Resize(s)``)
+    or ``(h, w)`` for an exact size; ``crop`` is ``(h, w)`` or ``None``. Tensors are resized with
+    antialiasing, which approximates PIL's filters closely (PIL always antialiases when downscaling).
+    """
+
+    size: tuple[int, ...]
+    crop: tuple[int, int] | None
+    interpolation: str  # an InterpolationMode value: "bicubic", "bilinear", "nearest", ...
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Resize and crop a uint8 NCHW batch of equally sized images (on any device); uint8 out."""
+        mode = InterpolationMode(self.interpolation)
+        antialias = mode != InterpolationMode.NEAREST
+        out = F.resize(batch, list(self.size), interpolation=mode, antialias=antialias)
+        return out if self.crop is None else F.center_crop(out, list(self.crop))
+
+
+def tensor_geometry(transform: transforms.Compose) -> ImageGeometry | None:
+    """The :class:`ImageGeometry` of a uint8 transform from :func:`split_transform`, or ``None`` when it
+    holds a step with no tensor equivalent here (e.g. open_clip's resize-longest-and-pad)."""
+    steps = list(transform.transforms)
+    if steps and isinstance(steps[-1], transforms.PILToTensor):
+        steps.pop()
+    steps = [step for step in steps if _step_name(step) not in _MODE_STEPS]
+    if not steps or type(steps[0]) is not transforms.Resize or steps[0].max_size is not None:
+        return None
+    resize, rest = steps[0], steps[1:]
+    size = (resize.size,) if isinstance(resize.size, int) else tuple(int(x) for x in resize.size)
+    crop: tuple[int, int] | None = None
+    if rest:
+        if len(rest) > 1 or type(rest[0]) is not transforms.CenterCrop:
+            return None
+        height, width = rest[0].size
+        crop = (int(height), int(width))
+    return ImageGeometry(size=size, crop=crop, interpolation=resize.interpolation.value)
+
+
+def _step_name(step: object) -> str:
+    return getattr(step, "__name__", type(step).__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +92,7 @@ class EmbedEngine(ABC):
     @abstractmethod
     def run(
         self, items: Sequence[Item], units: list[tuple[int, int]], encoder: Encoder, max_pixels: int
-    ) -> Iterator[EncodedUnit]:
+    ) -> Generator[EncodedUnit, None, None]:
         """Yield one :class:`EncodedUnit` per unit of ``units``, in that order."""
 
     def describe(self) -> dict[str, object]:

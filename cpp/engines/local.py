@@ -6,7 +6,7 @@ Unit ``u`` goes to worker ``u % workers`` and the DataLoader returns units round
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -68,7 +68,7 @@ class LocalEngine(EmbedEngine):
 
     def run(
         self, items: Sequence[Item], units: list[tuple[int, int]], encoder: Encoder, max_pixels: int
-    ) -> Iterator[EncodedUnit]:
+    ) -> Generator[EncodedUnit, None, None]:
         workers = default_workers(encoder.device) if self.workers is None else self.workers
         self._resolved = workers
         loader = DataLoader(
