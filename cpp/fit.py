@@ -179,7 +179,7 @@ class FittedHead:
 
     @torch.no_grad()
     def encode(
-        self, rows: np.ndarray, x: np.ndarray, context: ContextTokens, *, chunk_size: int = 16384
+        self, rows: np.ndarray, x: np.ndarray, context: ContextTokens, *, chunk_size: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(Z, C)`` float32 of ``rows`` with raw features ``x``; context tokens from ``context``."""
         x = normalize_rows(x)

@@ -66,6 +66,13 @@ def _prepare(item: Item, preprocess: Callable[[Image.Image], torch.Tensor], max_
         data = item.load_bytes()
     except OSError as exc:
         raise BadImage(f"unreadable ({type(exc).__name__}: {exc})") from None
+    return prepare_image(data, preprocess, max_pixels)
+
+
+def prepare_image(
+    data: bytes, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int
+) -> torch.Tensor:
+    """The CPU path for one file's bytes: PIL decode and ``preprocess``, or :class:`BadImage`."""
     image = decode_image(data, max_pixels=max_pixels)
     try:
         return preprocess(image)

@@ -30,11 +30,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from cpp.encoders.base import Encoder
 from cpp.encoders.preprocessing import ImageGeometry
-from cpp.engines.base import DecodedUnit, EmbedEngine, EncodedUnit
+from cpp.engines.base import DecodedUnit, EmbedEngine, EncodedUnit, prepare_image
 from cpp.engines.local import LocalEngine, default_workers
 from cpp.engines.registry import register_engine
 from cpp.errors import CppError
-from cpp.images import BadImage, decode_image
+from cpp.images import BadImage
 from cpp.logging import get_logger
 from cpp.sources import Item
 
@@ -119,17 +119,6 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def _cpu_prepare(
-    data: bytes, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int
-) -> torch.Tensor:
-    """The local engine's path for one file: PIL decode and ``preprocess``, or :class:`BadImage`."""
-    image = decode_image(data, max_pixels=max_pixels)
-    try:
-        return preprocess(image)
-    except Exception as exc:  # a transform failing on one odd image must not stop the run
-        raise BadImage(f"preprocessing failed ({type(exc).__name__}: {exc})") from None
-
-
 def read_unit(
     items: Sequence[Item],
     start: int,
@@ -163,7 +152,7 @@ def read_unit(
             chunks.append(data)
             continue
         try:
-            cpu_images.append(_cpu_prepare(data, preprocess, max_pixels))
+            cpu_images.append(prepare_image(data, preprocess, max_pixels))
         except BadImage as exc:
             failures[position] = exc.reason
         else:
@@ -254,7 +243,7 @@ class DeviceDecoder:
                     good.append((position, orient(image, unit.jpeg_headers[index].orientation)))
                     continue
                 try:
-                    prepared = _cpu_prepare(
+                    prepared = prepare_image(
                         encoded[index].numpy().tobytes(), self.preprocess, self.max_pixels
                     )
                 except BadImage as exc:
