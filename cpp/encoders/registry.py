@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
 from cpp.encoders.base import Encoder
 from cpp.errors import CppError
+from cpp.registry import Registry
 
 EncoderFactory = Callable[..., Encoder]
-F = TypeVar("F", bound=EncoderFactory)
 
-_REGISTRY: dict[str, EncoderFactory] = {}
+_ENCODERS: Registry[EncoderFactory] = Registry("encoder")
 
-
-def register_encoder(name: str) -> Callable[[F], F]:
-    """Register ``fn(arg: str, *, device: torch.device) -> Encoder`` under ``name``.
-
-    A spec ``name`` or ``name:arg`` calls it with ``arg`` (empty when absent).
-    """
-
-    def decorator(fn: F) -> F:
-        if name in _REGISTRY:
-            raise ValueError(f"encoder {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def list_encoders() -> list[str]:
-    """Names of all registered encoder families."""
-    return sorted(_REGISTRY)
+#: Register ``fn(arg: str, *, device: torch.device) -> Encoder`` under a name; a spec ``name`` or
+#: ``name:arg`` calls it with ``arg`` (empty when absent).
+register_encoder = _ENCODERS.register
+#: Names of all registered encoder families.
+list_encoders = _ENCODERS.names
+#: The factory registered under a name (its docstring describes the encoder family).
+encoder_factory = _ENCODERS.get
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -53,11 +40,3 @@ def create_encoder(spec: str = "auto", *, device: str | torch.device | None = No
     """Build an encoder from a spec: ``auto``, ``effnet-lite0-in1k`` or ``open_clip:<arch>/<tag-or-file>``."""
     name, _, arg = spec.partition(":")
     return encoder_factory(name)(arg, device=resolve_device(device))
-
-
-def encoder_factory(name: str) -> EncoderFactory:
-    """The factory registered under ``name`` (its docstring describes the encoder family)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise CppError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}") from None

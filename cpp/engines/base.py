@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cpp.encoders.base import Encoder
 from cpp.images import BadImage, decode_image
 from cpp.sources import Item
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,6 +92,42 @@ def encode_unit(unit: DecodedUnit, encoder: Encoder) -> EncodedUnit:
     else:
         features = encoder.encode_images(unit.batch).numpy()
     return EncodedUnit(unit.start, unit.size, features, unit.failures, encode_s=time.perf_counter() - started)
+
+
+class _UnitDataset(IterableDataset[T], Generic[T]):
+    """``load(start, end)`` of every unit in order, sharded across DataLoader workers by unit."""
+
+    def __init__(self, units: list[tuple[int, int]], load: Callable[[int, int], T]) -> None:
+        self.units = units
+        self.load = load
+
+    def __iter__(self) -> Iterator[T]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for number in range(worker, len(self.units), workers):
+            yield self.load(*self.units[number])
+
+
+def _one_unit(unit: T) -> T:
+    return unit
+
+
+def load_units(
+    units: list[tuple[int, int]], load: Callable[[int, int], T], *, workers: int, pin_memory: bool
+) -> DataLoader[T]:
+    """Iterate ``load(start, end)`` over ``units`` in order, run in ``workers`` processes (0: inline).
+
+    Unit ``u`` goes to worker ``u % workers`` and the DataLoader returns units round-robin, i.e. in order.
+    ``load`` must be picklable (e.g. a ``functools.partial`` of a module-level function).
+    """
+    return DataLoader(
+        _UnitDataset(units, load),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_one_unit,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 class EmbedEngine(ABC):

@@ -12,6 +12,7 @@ goes to the CPU path, so no item is lost, and units come out in order.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import queue
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from cpp.encoders.base import Encoder
 from cpp.encoders.preprocessing import ImageGeometry
-from cpp.engines.base import DecodedUnit, EmbedEngine, EncodedUnit, prepare_image
+from cpp.engines.base import DecodedUnit, EmbedEngine, EncodedUnit, load_units, prepare_image
 from cpp.engines.local import LocalEngine, default_workers
 from cpp.engines.registry import register_engine
 from cpp.errors import CppError
@@ -170,35 +171,6 @@ def read_unit(
         cpu_batch=torch.stack(cpu_images) if cpu_images else None,
         failures=failures,
     )
-
-
-class _ReadDataset(IterableDataset[_ReadUnit]):
-    """Yields read units in order, sharded across DataLoader workers by unit."""
-
-    def __init__(
-        self,
-        items: Sequence[Item],
-        units: list[tuple[int, int]],
-        preprocess: Callable[[Image.Image], torch.Tensor],
-        max_pixels: int,
-        cpu_share: float,
-    ) -> None:
-        self.items = items
-        self.units = units
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-        self.cpu_share = cpu_share
-
-    def __iter__(self) -> Iterator[_ReadUnit]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for number in range(worker, len(self.units), workers):
-            start, end = self.units[number]
-            yield read_unit(self.items, start, end, self.preprocess, self.max_pixels, self.cpu_share)
-
-
-def _collate_unit(unit: _ReadUnit) -> _ReadUnit:
-    return unit
 
 
 def _pixel_batches(pixels: list[int], budget: int) -> Iterator[list[int]]:
@@ -367,14 +339,10 @@ class DeviceDecodeEngine(EmbedEngine):
         workers = default_workers(encoder.device) if self.workers is None else self.workers
         self._resolved = workers
         cuda = encoder.device.type == "cuda"
-        loader = DataLoader(
-            _ReadDataset(items, units, encoder.preprocess, max_pixels, self.cpu_share),
-            batch_size=None,
-            num_workers=workers,
-            collate_fn=_collate_unit,  # type: ignore[arg-type]  # batch_size=None: one unit per call
-            pin_memory=cuda,
-            prefetch_factor=4 if workers > 0 else None,
+        load = functools.partial(
+            read_unit, items, preprocess=encoder.preprocess, max_pixels=max_pixels, cpu_share=self.cpu_share
         )
+        loader = load_units(units, load, workers=workers, pin_memory=cuda)
         ready: queue.Queue[_Entry] = queue.Queue(self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(

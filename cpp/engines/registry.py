@@ -1,40 +1,23 @@
-"""A registry of embedding engines by name (``cpp embed --engine NAME``)."""
+"""The registry of embedding engines by name (``cpp embed --engine NAME``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from cpp.engines.base import EmbedEngine
-from cpp.errors import CppError
+from cpp.registry import Registry
 
 EngineFactory = Callable[..., EmbedEngine]
-F = TypeVar("F", bound=EngineFactory)
 
-_REGISTRY: dict[str, EngineFactory] = {}
+_ENGINES: Registry[EngineFactory] = Registry("engine")
 
-
-def register_engine(name: str) -> Callable[[F], F]:
-    """Register ``fn(**options) -> EmbedEngine`` under ``name``; options it does not know are an error."""
-
-    def decorator(fn: F) -> F:
-        if name in _REGISTRY:
-            raise ValueError(f"engine {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def list_engines() -> list[str]:
-    """Names of all registered engines."""
-    return sorted(_REGISTRY)
+#: Register ``fn(**options) -> EmbedEngine`` under a name; options it does not know are an error.
+register_engine = _ENGINES.register
+#: Names of all registered engines.
+list_engines = _ENGINES.names
 
 
 def create_engine(name: str = "local", **options: Any) -> EmbedEngine:
     """Build the engine ``name`` with ``options`` (``None`` values are left to the engine's defaults)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise CppError(f"unknown engine {name!r}; known: {', '.join(list_engines())}") from None
-    return factory(**{key: value for key, value in options.items() if value is not None})
+    return _ENGINES.get(name)(**{key: value for key, value in options.items() if value is not None})
