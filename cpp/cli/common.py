@@ -45,8 +45,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=list_engines(),
         default="local",
-        help="where images are decoded and encoded (default local: this machine); 'ray' runs Ray Data "
-        "actors on this machine or a Ray cluster (needs cpp[ray])",
+        help="where images are decoded and encoded: local (default; PIL decoding on this machine's CPUs), "
+        "device (JPEGs decoded in batches on the encoder's device, e.g. nvJPEG), auto (device when the "
+        "encoder runs on CUDA, else local), ray (Ray Data actors here or on a Ray cluster; needs cpp[ray])",
     )
     parser.add_argument(
         "--workers",
