@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -109,21 +109,26 @@ def _fit_or_reuse(
     return fitted
 
 
-def _true_labels(rows: Sequence[RowRecord]) -> tuple[np.ndarray, list[str]] | None:
-    """Integer ground truth of the labelled rows (-1 elsewhere), or None when no row has a label."""
-    classes = sorted({row.label for row in rows if row.label is not None})
-    if not classes:
-        return None
-    index = {name: i for i, name in enumerate(classes)}
-    truth = np.array([index[row.label] if row.label is not None else -1 for row in rows], dtype=np.int64)
-    return truth, classes
+def _display_names(store: FeatureStore, indices: np.ndarray) -> dict[int, str]:
+    """Path (or key) of each row in ``indices``, found in one pass over the store's index."""
+    wanted = set(indices.tolist())
+    return {row.index: row.path or row.key for row in store.iter_rows() if row.index in wanted}
 
 
-def _metrics(rows: Sequence[RowRecord], predicted: np.ndarray) -> dict[str, float] | None:
-    truth = _true_labels(rows)
-    if truth is None:
+def _true_labels(rows: Iterable[RowRecord]) -> np.ndarray | None:
+    """Integer ground truth of the rows (-1 where unlabelled, classes numbered by first appearance), or
+    None when no row has a label."""
+    index: dict[str, int] = {}
+    truth = np.array(
+        [-1 if row.label is None else index.setdefault(row.label, len(index)) for row in rows], dtype=np.int64
+    )
+    return truth if index else None
+
+
+def _metrics(rows: Iterable[RowRecord], predicted: np.ndarray) -> dict[str, float] | None:
+    y = _true_labels(rows)
+    if y is None:
         return None
-    y, _ = truth
     labelled = y >= 0
     metrics = evaluate(y[labelled], predicted[labelled])
     metrics["labelled"] = float(labelled.sum())
@@ -131,7 +136,7 @@ def _metrics(rows: Sequence[RowRecord], predicted: np.ndarray) -> dict[str, floa
 
 
 def _assignment_dicts(
-    rows: Sequence[RowRecord],
+    rows: Iterable[RowRecord],
     result: Readout,
     names: Sequence[str],
     image_labels: np.ndarray,
@@ -227,8 +232,7 @@ def run_cluster(
         engine=engine,
         control=control,
     )
-    rows = store.rows()
-    n = len(rows)
+    n = len(store)
     timings["embed"] = time.perf_counter() - started
     if n < MIN_IMAGES:
         raise PipelineError(
@@ -241,7 +245,7 @@ def run_cluster(
             f"{source.path} has {n}. Ask for at most {n // 2} clusters, or 'auto'."
         )
     vocabulary = resolve_vocabulary(
-        options.vocabulary, captions=(caption for row in rows for caption in row.captions)
+        options.vocabulary, captions=(caption for row in store.iter_rows() for caption in row.captions)
     )
 
     tick = time.perf_counter()
@@ -299,6 +303,7 @@ def run_cluster(
     timings["name"] = time.perf_counter() - tick
 
     sizes = np.bincount(found.labels, minlength=len(found.centers))
+    shown = _display_names(store, np.concatenate(found.representatives))
     clusters = [
         Cluster(
             id=j,
@@ -307,11 +312,13 @@ def run_cluster(
             score=round(named.score, 5),
             uncertain=named.uncertain,
             alternatives=[NameScore(name=a, score=round(s, 5)) for a, s in named.alternatives],
-            representatives=[rows[i].path or rows[i].key for i in found.representatives[j]],
+            representatives=[shown[i] for i in found.representatives[j].tolist()],
         )
         for j, named in enumerate(naming.clusters)
     ]
-    assignments = _assignment_dicts(rows, found, vocabulary.names, naming.image_labels, naming.image_scores)
+    assignments = _assignment_dicts(
+        store.iter_rows(), found, vocabulary.names, naming.image_labels, naming.image_scores
+    )
     inline = n <= INLINE_ASSIGNMENTS_MAX
     if not inline:
         _write_assignments(work_dir, assignments, n)
@@ -348,7 +355,7 @@ def run_cluster(
         clusters=clusters,
         assignments=[Assignment.model_validate(a) for a in assignments] if inline else None,
         assignments_file=None if inline else ASSIGNMENTS_FILE,
-        metrics=_metrics(rows, found.labels),
+        metrics=_metrics(store.iter_rows(), found.labels),
     )
     _write_result(work_dir / RESULT_FILE, result)
     return result

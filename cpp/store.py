@@ -220,19 +220,21 @@ class FeatureStore:
                 for line in handle:
                     yield json.loads(line)
 
+    def iter_rows(self) -> Iterator[RowRecord]:
+        """The embedded items in row order, read from the index files as they are consumed."""
+        for entry in self._iter_index():
+            if entry["status"] == "ok":
+                yield RowRecord(
+                    index=entry["row"],
+                    key=entry["key"],
+                    path=entry["path"],
+                    captions=tuple(entry["captions"]),
+                    label=entry["label"],
+                )
+
     def rows(self) -> list[RowRecord]:
         """The embedded items, aligned with :meth:`features`."""
-        return [
-            RowRecord(
-                index=entry["row"],
-                key=entry["key"],
-                path=entry["path"],
-                captions=tuple(entry["captions"]),
-                label=entry["label"],
-            )
-            for entry in self._iter_index()
-            if entry["status"] == "ok"
-        ]
+        return list(self.iter_rows())
 
     def skipped(self) -> list[SkippedRecord]:
         """The items that could not be embedded, with the reason."""
