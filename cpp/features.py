@@ -41,10 +41,6 @@ class FeatureMatrix:
     def dim(self) -> int:
         return self.shape[1]
 
-    @property
-    def in_memory(self) -> bool:
-        return self._array is not None
-
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_row, float32 block)`` covering every row in order."""
         if self._store is not None:
