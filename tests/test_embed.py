@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from controls import cancel_after
 from photos import photo_array
 from PIL import Image
 
@@ -86,13 +87,7 @@ def test_resume_after_cancel_equals_uninterrupted_run(
     spec = _folder(photo_dir)
     full = embed_source(spec, tmp_path / "full", tiny_encoder, batch_size=2, chunk_size=3, workers=0)
 
-    control = RunControl()
-
-    def cancel_after_first_chunk(event: ProgressEvent) -> None:
-        if event.done >= 4:
-            control.cancel()
-
-    control.on_progress = cancel_after_first_chunk
+    control = cancel_after(4)  # after the first chunk
     with pytest.raises(Cancelled):
         embed_source(
             spec, tmp_path / "resumed", tiny_encoder, batch_size=2, chunk_size=3, workers=0, control=control

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from controls import cancel_after
 from photos import photo_array
 from PIL import Image
 from torchvision import transforms
@@ -28,7 +29,7 @@ from cpp.engines.device import FittingEncode, JpegHeader, jpeg_header, read_unit
 from cpp.errors import CppError
 from cpp.images import decode_image
 from cpp.options import SourceSpec
-from cpp.progress import Cancelled, ProgressEvent, RunControl
+from cpp.progress import Cancelled
 from cpp.sources import Item, iter_items
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")
@@ -253,13 +254,7 @@ def test_rejected_batch_is_retried_per_image_and_falls_back_to_pil(
 def test_resume_with_the_other_engine_matches(photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder) -> None:
     spec = _folder(photo_dir)
     full = embed_source(spec, tmp_path / "full", tiny_encoder, batch_size=2, chunk_size=3, workers=0)
-    control = RunControl()
-
-    def cancel_after_first_chunk(event: ProgressEvent) -> None:
-        if event.done >= 4:
-            control.cancel()
-
-    control.on_progress = cancel_after_first_chunk
+    control = cancel_after(4)  # after the first chunk
     with pytest.raises(Cancelled):
         embed_source(
             spec,

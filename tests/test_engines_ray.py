@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from controls import cancel_after
 
 from cpp.cli import main
 from cpp.embed import embed_source
@@ -16,7 +17,7 @@ from cpp.encoders import Encoder, create_encoder
 from cpp.engines import RayEngine, RayEngineError, create_engine
 from cpp.engines.ray import check_reachable
 from cpp.options import SourceSpec
-from cpp.progress import Cancelled, ProgressEvent, RunControl
+from cpp.progress import Cancelled
 from cpp.store import FeatureStore
 
 ray = pytest.importorskip("ray")
@@ -52,17 +53,6 @@ def _assert_same_store(store: FeatureStore, reference: FeatureStore) -> None:
     np.testing.assert_allclose(store.features(np.float32), reference.features(np.float32), atol=2e-3)
 
 
-def _cancel_after_first_chunk() -> RunControl:
-    control = RunControl()
-
-    def cancel(event: ProgressEvent) -> None:
-        if event.stage == "embed" and event.done >= CHUNK:
-            control.cancel()
-
-    control.on_progress = cancel
-    return control
-
-
 def test_ray_store_equals_local_store(source: SourceSpec, tmp_path: Path, tiny_encoder: Encoder) -> None:
     local = embed_source(
         source, tmp_path / "local", tiny_encoder, batch_size=BATCH, chunk_size=CHUNK, workers=0
@@ -94,7 +84,7 @@ def test_resume_local_chunks_with_ray_and_ray_chunks_after_cancel(
             batch_size=BATCH,
             chunk_size=CHUNK,
             workers=0,
-            control=_cancel_after_first_chunk(),
+            control=cancel_after(CHUNK),
         )
     finished = embed_source(
         source,
@@ -118,7 +108,7 @@ def test_resume_local_chunks_with_ray_and_ray_chunks_after_cancel(
             batch_size=BATCH,
             chunk_size=CHUNK,
             engine=RayEngine(actors=1),
-            control=_cancel_after_first_chunk(),
+            control=cancel_after(CHUNK),
         )
     assert (interrupted / "chunks" / "index-00000.jsonl").is_file()
     assert not (interrupted / "meta.json").exists()
