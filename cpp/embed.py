@@ -23,7 +23,7 @@ from cpp.images import DEFAULT_MAX_PIXELS
 from cpp.logging import get_logger, progress_bar
 from cpp.options import SourceSpec
 from cpp.progress import RunControl
-from cpp.sources import Item, iter_items, resolved_spec
+from cpp.sources import Item, SourceItems, resolved_spec
 from cpp.store import FeatureStore, StoreWriter, check_complete_store
 
 _log = get_logger(__name__)
@@ -87,7 +87,7 @@ def embed_source(
         _log.info("using the existing feature store %s (%d rows)", existing.path, len(existing))
         return existing
 
-    items = list(iter_items(source))
+    items = SourceItems.of(source)
     listed = time.perf_counter()
     settings = {"chunk_size": chunk_size, "dtype": dtype, "dim": encoder.dim, "max_pixels": max_pixels}
     writer = StoreWriter.open(out_dir, identity, settings)

@@ -1,26 +1,31 @@
 """Image sources: folders, file lists, webdataset tar shards and COCO, as a deterministic stream of items.
 
 Each :class:`Item` carries a stable key and a picklable ``load_bytes`` callable, so decoding can run in worker
-processes while listing stays cheap.
+processes while listing stays cheap. :class:`SourceItems` indexes a source while holding only a few of its
+parts (webdataset shards) in memory.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import glob
 import json
+import operator
 import os
 import re
 import tarfile
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from cpp.errors import SourceError
 from cpp.options import SourceSpec, SourceType
+from cpp.tar import TarMember, tar_members
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _LIST_EXTENSIONS = (".txt", ".csv")
@@ -37,6 +42,10 @@ class Item:
     load_bytes: Callable[[], bytes]  # picklable (functools.partial of a module-level function)
     captions: tuple[str, ...] = ()
     label: str | None = None  # ground truth, when known
+
+
+#: A named part of a source (a webdataset shard, or the whole source) and how to list its items in order.
+SourcePart = tuple[str, Callable[[], Iterable[Item]]]
 
 
 def read_file(path: str) -> bytes:
@@ -98,15 +107,105 @@ def resolved_spec(spec: SourceSpec) -> dict[str, Any]:
 
 def iter_items(spec: SourceSpec) -> Iterator[Item]:
     """Yield the items of ``spec`` in a deterministic order; :class:`SourceError` for unusable specs."""
+    for _, part in source_parts(spec):
+        yield from part()
+
+
+def source_parts(spec: SourceSpec) -> list[SourcePart]:
+    """The source as named parts that list their items in order: one per webdataset shard, else one."""
     if spec.type == "folder":
-        return _iter_folder(Path(spec.path), spec.labels_from_folders)
+        return [(spec.path, functools.partial(_iter_folder, Path(spec.path), spec.labels_from_folders))]
     if spec.type == "files":
-        return _iter_file_list(Path(spec.path))
+        return [(spec.path, functools.partial(_iter_file_list, Path(spec.path)))]
     if spec.type == "webdataset":
-        return _iter_webdataset(spec.path)
+        return [(shard, functools.partial(_iter_shard, shard)) for shard in _shard_paths(spec.path)]
     if spec.type == "coco":
-        return _iter_coco(Path(spec.path), [Path(a) for a in spec.annotations])
+        annotations = [Path(a) for a in spec.annotations]
+        return [(spec.path, functools.partial(_iter_coco, Path(spec.path), annotations))]
     raise SourceError(f"unknown source type {spec.type!r}")  # pragma: no cover - pydantic validates
+
+
+class SourceItems(Sequence[Item]):
+    """The items of a source, indexable, holding only a few parts (webdataset shards) in memory at a time.
+
+    Building it lists every part once to count its items; a part is listed again when an index in it is read,
+    and the ``cached_parts`` most recently read parts are kept. A sharded source of millions of images thus
+    costs memory per shard, not per image. A part whose count changed since it was counted is an error.
+    Thread-safe; pickles without its cache.
+    """
+
+    def __init__(self, parts: list[SourcePart], *, cached_parts: int = 3) -> None:
+        self._parts = parts
+        self._cached_parts = max(1, cached_parts)
+        self._cache: OrderedDict[int, list[Item]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._starts = [0]
+        for index in range(len(parts)):
+            self._starts.append(self._starts[-1] + len(self._list(index)))
+
+    @classmethod
+    def of(cls, spec: SourceSpec, *, cached_parts: int = 3) -> SourceItems:
+        """List ``spec`` (:class:`SourceError` for unusable specs)."""
+        return cls(source_parts(spec), cached_parts=cached_parts)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Item]: ...
+
+    def __getitem__(self, index: int | slice) -> Item | list[Item]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            out: list[Item] = []
+            while start < stop:
+                part = bisect.bisect_right(self._starts, start) - 1
+                end = min(stop, self._starts[part + 1])
+                out.extend(self._items(part)[start - self._starts[part] : end - self._starts[part]])
+                start = end
+            return out
+        position = operator.index(index)
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"item index {index} out of range for {len(self)} items")
+        part = bisect.bisect_right(self._starts, position) - 1
+        return self._items(part)[position - self._starts[part]]
+
+    def _items(self, part: int) -> list[Item]:
+        items = self._list(part)
+        expected = self._starts[part + 1] - self._starts[part]
+        if len(items) != expected:
+            raise SourceError(
+                f"{self._parts[part][0]!r} changed while it was in use: it listed {expected} images, "
+                f"now {len(items)}"
+            )
+        return items
+
+    def _list(self, part: int) -> list[Item]:
+        with self._lock:
+            cached = self._cache.get(part)
+            if cached is not None:
+                self._cache.move_to_end(part)
+                return cached
+            items = list(self._parts[part][1]())
+            self._cache[part] = items
+            if len(self._cache) > self._cached_parts:
+                self._cache.popitem(last=False)
+            return items
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"parts": self._parts, "cached_parts": self._cached_parts, "starts": self._starts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._parts, self._cached_parts, self._starts = state["parts"], state["cached_parts"], state["starts"]
+        self._cache = OrderedDict()
+        self._lock = threading.Lock()
 
 
 def _is_image_name(name: str) -> bool:
@@ -244,26 +343,21 @@ def _split_member(name: str) -> tuple[str, str]:
     return (os.path.join(directory, stem) if directory else stem), (extension.lower() if dot else "")
 
 
-def _iter_webdataset(pattern: str) -> Iterator[Item]:
-    for shard in _shard_paths(pattern):
-        yield from _iter_shard(shard)
-
-
 def _iter_shard(shard: str) -> Iterator[Item]:
     shard_name = os.path.basename(shard)
-    images: dict[str, tarfile.TarInfo] = {}
+    images: dict[str, TarMember] = {}
     captions: dict[str, str] = {}
     labels: dict[str, str] = {}
     try:
-        with tarfile.open(shard, mode="r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
+        members = tar_members(shard)
+        with open(shard, "rb") as handle:
+            for member in members:
                 key, extension = _split_member(member.name)
                 if "." + extension in IMAGE_EXTENSIONS:
                     images.setdefault(key, member)
                 elif extension in ("txt", "cls"):
-                    text = _read_member_text(archive, member)
+                    handle.seek(member.offset)
+                    text = handle.read(member.size).decode("utf-8", errors="replace").strip()
                     (captions if extension == "txt" else labels)[key] = text
     except (tarfile.TarError, OSError) as exc:
         raise SourceError(f"cannot read shard {shard!r}: {exc}") from exc
@@ -273,17 +367,10 @@ def _iter_shard(shard: str) -> Iterator[Item]:
         yield Item(
             key=f"{shard_name}/{key}",
             path=f"{shard}/{member.name}",
-            load_bytes=functools.partial(read_range, shard, member.offset_data, member.size),
+            load_bytes=functools.partial(read_range, shard, member.offset, member.size),
             captions=(caption,) if caption else (),
             label=labels.get(key),
         )
-
-
-def _read_member_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
-    handle = archive.extractfile(member)
-    if handle is None:  # pragma: no cover - regular files always have data
-        return ""
-    return handle.read().decode("utf-8", errors="replace").strip()
 
 
 # ------------------------------------------------------------------------------------------------ COCO

@@ -1,7 +1,11 @@
-"""Real photos from scikit-image for tests (importable helpers; the fixtures live in conftest.py)."""
+"""Real photos from scikit-image for tests, and webdataset shards of them (importable helpers; the fixtures
+live in conftest.py)."""
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +38,18 @@ def save_photo(name: str, path: Path, **save_kwargs: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(photo_array(name)).save(path, **save_kwargs)  # type: ignore[arg-type]
     return path
+
+
+def write_shard(path: Path, samples: dict[str, tuple[bytes, str]]) -> None:
+    """A webdataset shard as img2dataset writes it: ``{key}.jpg``, ``{key}.txt`` (caption), ``{key}.json``."""
+    with tarfile.open(path, "w") as archive:
+        for key, (image, caption) in samples.items():
+            meta = {"key": key, "caption": caption, "url": f"https://example.com/{key}.jpg"}
+            for name, data in (
+                (f"{key}.jpg", image),
+                (f"{key}.txt", caption.encode()),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))

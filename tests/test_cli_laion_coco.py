@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
+from photos import write_shard
 
 from cpp.cli import main
 from cpp.result import ClusterResult
@@ -39,12 +38,6 @@ def _photos(photo_dir: Path) -> list[Path]:
     return sorted(photo_dir.rglob("*.jpg"), key=lambda path: path.stem)
 
 
-def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
 def _write_img2dataset_shards(photo_dir: Path, root: Path, shards: int = 3) -> list[str]:
     """Shards as img2dataset writes them (``{shard}{index}.jpg/.txt/.json``), with one corrupt image.
 
@@ -55,18 +48,9 @@ def _write_img2dataset_shards(photo_dir: Path, root: Path, shards: int = 3) -> l
     root.mkdir(parents=True)
     per_shard = -(-len(samples) // shards)
     for shard in range(shards):
-        with tarfile.open(root / f"{shard:05d}.tar", "w") as archive:
-            for index, (image, caption) in enumerate(samples[shard * per_shard : (shard + 1) * per_shard]):
-                key = f"{shard:05d}{index:04d}"
-                meta = {
-                    "key": key,
-                    "caption": caption,
-                    "url": f"https://example.com/{key}.jpg",
-                    "status": "success",
-                }
-                _add(archive, f"{key}.jpg", image)
-                _add(archive, f"{key}.txt", caption.encode())
-                _add(archive, f"{key}.json", json.dumps(meta).encode())
+        part = samples[shard * per_shard : (shard + 1) * per_shard]
+        keys = [f"{shard:05d}{index:04d}" for index in range(len(part))]
+        write_shard(root / f"{shard:05d}.tar", dict(zip(keys, part, strict=True)))
     return [caption for _, caption in samples]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from controls import cancel_after
-from photos import photo_array
+from photos import photo_array, write_shard
 from PIL import Image
 
 from cpp.cli import main
@@ -114,8 +114,20 @@ def test_resume_after_cancel_equals_uninterrupted_run(
     assert resumed.counts == full.counts
 
 
-def test_worker_processes_give_the_same_store(photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder) -> None:
-    spec = _folder(photo_dir)
+def _shards(photo_dir: Path, root: Path) -> SourceSpec:
+    """The photos as three webdataset shards (one of them empty)."""
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    root.mkdir()
+    for shard, part in enumerate([photos[:5], [], photos[5:]]):
+        write_shard(root / f"{shard}.tar", {p.stem: (p.read_bytes(), p.stem) for p in part})
+    return SourceSpec(type="webdataset", path=str(root / "{0..2}.tar"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_worker_processes_give_the_same_store(
+    kind: str, photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder
+) -> None:
+    spec = _folder(photo_dir) if kind == "folder" else _shards(photo_dir, tmp_path / "shards")
     serial = embed_source(spec, tmp_path / "serial", tiny_encoder, batch_size=3, workers=0, dtype="float32")
     parallel = embed_source(
         spec, tmp_path / "parallel", tiny_encoder, batch_size=3, workers=2, dtype="float32"

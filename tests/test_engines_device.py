@@ -136,7 +136,7 @@ def test_exif_orientation_applied_like_pil(orientation: int) -> None:
     data = _with_orientation(photo_array("rocket")[:120, :200], orientation)
     assert jpeg_header(data, 10**8) == JpegHeader(orientation, 120 * 200)
     to_tensor = transforms.PILToTensor()
-    unit = read_unit([Item("x", None, lambda: data)], 0, 1, to_tensor, 10**8)
+    unit = read_unit([Item("x", None, lambda: data)], 0, to_tensor, 10**8)
     geometry = ImageGeometry((1,), None, "nearest")  # unused here
     decoder = device_module.DeviceDecoder(torch.device("cpu"), geometry, to_tensor, 10**8)
     decoded = decoder.decode(list(unit.jpeg_data.split(unit.jpeg_lengths)))[0]
@@ -189,7 +189,7 @@ def test_large_units_are_decoded_in_pixel_budgeted_batches(
     photo_dir: Path, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     items = list(iter_items(_folder(photo_dir)))
-    unit = read_unit(items, 0, len(items), tiny_encoder.preprocess, 10**8)
+    unit = read_unit(items, 0, tiny_encoder.preprocess, 10**8)
     assert tiny_encoder.geometry is not None
     whole = device_module.DeviceDecoder(
         tiny_encoder.device, tiny_encoder.geometry, tiny_encoder.preprocess, 10**8

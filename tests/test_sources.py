@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
-import tarfile
 from pathlib import Path
 
 import pytest
-from photos import save_photo
+from photos import save_photo, write_shard
 from PIL import Image
 
 from cpp.errors import SourceError
 from cpp.options import SourceSpec
-from cpp.sources import expand_braces, infer_source_spec, iter_items
+from cpp.sources import Item, SourceItems, expand_braces, infer_source_spec, iter_items
 
 
 def _spec(kind: str, path: Path | str, **kwargs: object) -> SourceSpec:
@@ -65,20 +65,6 @@ def test_txt_and_csv_file_lists(photo_dir: Path, tmp_path: Path) -> None:
         list(iter_items(_spec("files", tmp_path / "dup.txt")))
 
 
-def _write_shard(path: Path, samples: dict[str, tuple[bytes, str]]) -> None:
-    """A tar shard as img2dataset writes it: {key}.jpg, {key}.txt, {key}.json."""
-    with tarfile.open(path, "w") as archive:
-        for key, (image, caption) in samples.items():
-            for name, data in (
-                (f"{key}.jpg", image),
-                (f"{key}.txt", caption.encode()),
-                (f"{key}.json", json.dumps({"key": key, "caption": caption}).encode()),
-            ):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-
-
 def test_webdataset_shards_with_brace_pattern(photo_dir: Path, tmp_path: Path) -> None:
     photos = sorted(photo_dir.rglob("*.jpg"))
     shards = tmp_path / "shards"
@@ -88,7 +74,7 @@ def test_webdataset_shards_with_brace_pattern(photo_dir: Path, tmp_path: Path) -
             f"{number:05d}{i:04d}": (photo.read_bytes(), f"caption of {photo.stem}")
             for i, photo in enumerate(photos[number * 4 : number * 4 + 4])
         }
-        _write_shard(shards / f"{number:05d}.tar", samples)
+        write_shard(shards / f"{number:05d}.tar", samples)
     items = list(iter_items(_spec("webdataset", shards / "{00000..00001}.tar")))
     assert len(items) == 8
     assert items[0].key == "00000.tar/000000000"
@@ -104,6 +90,58 @@ def test_webdataset_shards_with_brace_pattern(photo_dir: Path, tmp_path: Path) -
         list(iter_items(_spec("webdataset", shards / "{00003..00001}.tar")))
     with pytest.raises(SourceError, match="bad brace"):
         list(iter_items(_spec("webdataset", shards / "{0000x}.tar")))
+
+
+def test_source_items_index_shards_like_a_list_holding_few_of_them(photo_dir: Path, tmp_path: Path) -> None:
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    sizes = [3, 0, 4, 1, 2]  # an empty shard too
+    for number, size in enumerate(sizes):
+        samples = {f"{number}{i:03d}": (photos[i].read_bytes(), f"c{number}.{i}") for i in range(size)}
+        write_shard(tmp_path / f"{number:05d}.tar", samples)
+    spec = _spec("webdataset", tmp_path / "{00000..00004}.tar")
+    expected = list(iter_items(spec))
+    items = SourceItems.of(spec, cached_parts=2)
+    assert len(items) == sum(sizes) == len(expected)
+    keys = [item.key for item in expected]
+    assert [item.key for item in items] == keys
+    assert [items[i].key for i in range(-len(keys), 0)] == keys
+    for start, stop in [(0, 10), (2, 5), (3, 8), (7, 7), (8, 100), (-3, -1)]:
+        assert [item.key for item in items[start:stop]] == keys[start:stop]
+    assert [item.key for item in items[::3]] == keys[::3]
+    assert [item.captions for item in items[2:4]] == [("c0.2",), ("c2.0",)]
+    assert items[4].load_bytes() == photos[1].read_bytes()
+    assert len(items._cache) <= 2  # only the most recently read shards are held
+    with pytest.raises(IndexError):
+        items[len(keys)]
+
+    copy = pickle.loads(pickle.dumps(items))  # what a spawned worker would get: no cache, same index
+    assert len(copy._cache) == 0 and [item.key for item in copy[6:9]] == keys[6:9]
+
+    fresh = SourceItems.of(spec, cached_parts=1)  # holds only the last shard after counting
+    write_shard(tmp_path / "00002.tar", {"2000": (photos[0].read_bytes(), "only one now")})
+    with pytest.raises(
+        SourceError, match=r"00002\.tar' changed while it was in use: it listed 4 images, now 1"
+    ):
+        fresh[5]
+
+
+def test_source_items_list_each_part_once_when_read_in_order() -> None:
+    listed: list[str] = []
+
+    def part(name: str, size: int) -> list[Item]:
+        listed.append(name)
+        return [Item(f"{name}/{i}", None, bytes) for i in range(size)]
+
+    sizes = {"a": 5, "b": 3, "c": 4}
+    items = SourceItems(
+        [(name, functools.partial(part, name, size)) for name, size in sizes.items()], cached_parts=1
+    )
+    assert listed == ["a", "b", "c"]  # counted once
+    units = [items[0:4], items[4:8], items[8:12]]  # as an engine reads them
+    assert [item.key for unit in units for item in unit] == [
+        f"{n}/{i}" for n, size in sizes.items() for i in range(size)
+    ]
+    assert listed == ["a", "b", "c", "a", "b", "c"]  # then listed once more each, in order
 
 
 def test_expand_braces() -> None:

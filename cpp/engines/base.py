@@ -11,12 +11,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cpp.encoders.base import Encoder
 from cpp.images import BadImage, decode_image
@@ -49,20 +49,20 @@ class EncodedUnit:
 def decode_unit(
     items: Sequence[Item],
     start: int,
-    end: int,
     preprocess: Callable[[Image.Image], torch.Tensor],
     max_pixels: int,
 ) -> DecodedUnit:
-    """Read, decode and preprocess ``items[start:end]``; unusable items become failures with the reason."""
+    """Read, decode and preprocess the unit ``items`` that starts at source index ``start``; unusable items
+    become failures with the reason."""
     tensors: list[torch.Tensor] = []
     failures: dict[int, str] = {}
-    for position, item in enumerate(items[start:end]):
+    for position, item in enumerate(items):
         try:
             tensors.append(_prepare(item, preprocess, max_pixels))
         except BadImage as exc:
             failures[position] = exc.reason
     batch = torch.stack(tensors) if tensors else None
-    return DecodedUnit(start=start, size=end - start, batch=batch, failures=failures)
+    return DecodedUnit(start=start, size=len(items), batch=batch, failures=failures)
 
 
 def _prepare(item: Item, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int) -> torch.Tensor:
@@ -94,18 +94,37 @@ def encode_unit(unit: DecodedUnit, encoder: Encoder) -> EncodedUnit:
     return EncodedUnit(unit.start, unit.size, features, unit.failures, encode_s=time.perf_counter() - started)
 
 
-class _UnitDataset(IterableDataset[T], Generic[T]):
-    """``load(start, end)`` of every unit in order, sharded across DataLoader workers by unit."""
+class _UnitItems(NamedTuple):
+    """What a loader worker gets for one unit: its first source index and its items."""
 
-    def __init__(self, units: list[tuple[int, int]], load: Callable[[int, int], T]) -> None:
+    start: int
+    items: list[Item]
+
+
+class _UnitSampler(Sampler[_UnitItems]):
+    """Slices each unit's items from the source in the loader's own process, as the loader asks for them, so
+    workers never list the source (a sharded source is listed once, a few shards at a time)."""
+
+    def __init__(self, items: Sequence[Item], units: list[tuple[int, int]]) -> None:
+        self.items = items
         self.units = units
+
+    def __iter__(self) -> Iterator[_UnitItems]:
+        for start, end in self.units:
+            yield _UnitItems(start, list(self.items[start:end]))
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
+class _UnitDataset(Dataset[T], Generic[T]):
+    """``load(items, start)`` of the unit the sampler hands over."""
+
+    def __init__(self, load: Callable[[list[Item], int], T]) -> None:
         self.load = load
 
-    def __iter__(self) -> Iterator[T]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for number in range(worker, len(self.units), workers):
-            yield self.load(*self.units[number])
+    def __getitem__(self, unit: _UnitItems) -> T:
+        return self.load(unit.items, unit.start)
 
 
 def _one_unit(unit: T) -> T:
@@ -113,16 +132,19 @@ def _one_unit(unit: T) -> T:
 
 
 def load_units(
-    units: list[tuple[int, int]], load: Callable[[int, int], T], *, workers: int, pin_memory: bool
+    items: Sequence[Item],
+    units: list[tuple[int, int]],
+    load: Callable[[list[Item], int], T],
+    *,
+    workers: int,
+    pin_memory: bool,
 ) -> DataLoader[T]:
-    """Iterate ``load(start, end)`` over ``units`` in order, run in ``workers`` processes (0: inline).
-
-    Unit ``u`` goes to worker ``u % workers`` and the DataLoader returns units round-robin, i.e. in order.
-    ``load`` must be picklable (e.g. a ``functools.partial`` of a module-level function).
-    """
+    """Iterate ``load(items[start:end], start)`` over ``units`` in order, run in ``workers`` processes
+    (0: inline). ``load`` must be picklable (e.g. a ``functools.partial`` of a module-level function)."""
     return DataLoader(
-        _UnitDataset(units, load),
+        _UnitDataset(load),
         batch_size=None,
+        sampler=_UnitSampler(items, units),
         num_workers=workers,
         collate_fn=_one_unit,
         pin_memory=pin_memory,

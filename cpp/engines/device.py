@@ -123,12 +123,12 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 def read_unit(
     items: Sequence[Item],
     start: int,
-    end: int,
     preprocess: Callable[[Image.Image], torch.Tensor],
     max_pixels: int,
     cpu_share: float = 0.0,
 ) -> _ReadUnit:
-    """Read ``items[start:end]``: JPEG bytes with their header, other files decoded on the CPU.
+    """Read the unit ``items`` that starts at source index ``start``: JPEG bytes with their header, other
+    files decoded on the CPU.
 
     ``cpu_share`` of the JPEGs (every item whose index crosses a multiple of ``1 / cpu_share``: the same
     items in a resumed run) are decoded on the CPU here too, to add the CPU's decode rate to the device's.
@@ -139,7 +139,7 @@ def read_unit(
     cpu_positions: list[int] = []
     cpu_images: list[torch.Tensor] = []
     failures: dict[int, str] = {}
-    for position, item in enumerate(items[start:end]):
+    for position, item in enumerate(items):
         try:
             data = item.load_bytes()
         except OSError as exc:
@@ -162,7 +162,7 @@ def read_unit(
     jpeg_data = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
     return _ReadUnit(
         start=start,
-        size=end - start,
+        size=len(items),
         jpeg_positions=jpeg_positions,
         jpeg_headers=headers,
         jpeg_lengths=[len(chunk) for chunk in chunks],
@@ -340,9 +340,9 @@ class DeviceDecodeEngine(EmbedEngine):
         self._resolved = workers
         cuda = encoder.device.type == "cuda"
         load = functools.partial(
-            read_unit, items, preprocess=encoder.preprocess, max_pixels=max_pixels, cpu_share=self.cpu_share
+            read_unit, preprocess=encoder.preprocess, max_pixels=max_pixels, cpu_share=self.cpu_share
         )
-        loader = load_units(units, load, workers=workers, pin_memory=cuda)
+        loader = load_units(items, units, load, workers=workers, pin_memory=cuda)
         ready: queue.Queue[_Entry] = queue.Queue(self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(

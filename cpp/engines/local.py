@@ -40,8 +40,9 @@ class LocalEngine(EmbedEngine):
     ) -> Generator[EncodedUnit, None, None]:
         workers = default_workers(encoder.device) if self.workers is None else self.workers
         self._resolved = workers
-        load = functools.partial(decode_unit, items, preprocess=encoder.preprocess, max_pixels=max_pixels)
-        for unit in load_units(units, load, workers=workers, pin_memory=encoder.device.type == "cuda"):
+        load = functools.partial(decode_unit, preprocess=encoder.preprocess, max_pixels=max_pixels)
+        cuda = encoder.device.type == "cuda"
+        for unit in load_units(items, units, load, workers=workers, pin_memory=cuda):
             yield encode_unit(unit, encoder)
 
     def describe(self) -> dict[str, object]:
