@@ -112,7 +112,7 @@ def pipeline(
     with tempfile.TemporaryDirectory() as tmp:
         items = list(iter_items(SourceSpec(type="folder", path=str(folder))))[:limit]
         file_list = Path(tmp) / "images.txt"
-        file_list.write_text("".join(f"{item.path}\n" for item in items))
+        file_list.write_text("".join(f"{os.path.abspath(str(item.path))}\n" for item in items))
         started = time.perf_counter()
         store = embed_source(
             SourceSpec(type="files", path=str(file_list)),
@@ -122,6 +122,8 @@ def pipeline(
             engine=engine,
         )
         elapsed = time.perf_counter() - started
+        if len(store) < len(items):
+            raise SystemExit(f"only {len(store)} of {len(items)} images embedded: {store.skipped()[:3]}")
         return {
             "images": len(items),
             "embedded": len(store),
