@@ -131,7 +131,7 @@ class SourceItems(Sequence[Item]):
     Building it lists every part once to count its items; a part is listed again when an index in it is read,
     and the ``cached_parts`` most recently read parts are kept. A sharded source of millions of images thus
     costs memory per shard, not per image. A part whose count changed since it was counted is an error.
-    Thread-safe; pickles without its cache.
+    Thread-safe (an engine's reader thread and the store writer share it).
     """
 
     def __init__(self, parts: list[SourcePart], *, cached_parts: int = 3) -> None:
@@ -198,14 +198,6 @@ class SourceItems(Sequence[Item]):
             if len(self._cache) > self._cached_parts:
                 self._cache.popitem(last=False)
             return items
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"parts": self._parts, "cached_parts": self._cached_parts, "starts": self._starts}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._parts, self._cached_parts, self._starts = state["parts"], state["cached_parts"], state["starts"]
-        self._cache = OrderedDict()
-        self._lock = threading.Lock()
 
 
 def _is_image_name(name: str) -> bool:

@@ -114,9 +114,6 @@ def test_source_items_index_shards_like_a_list_holding_few_of_them(photo_dir: Pa
     with pytest.raises(IndexError):
         items[len(keys)]
 
-    copy = pickle.loads(pickle.dumps(items))  # what a spawned worker would get: no cache, same index
-    assert len(copy._cache) == 0 and [item.key for item in copy[6:9]] == keys[6:9]
-
     fresh = SourceItems.of(spec, cached_parts=1)  # holds only the last shard after counting
     write_shard(tmp_path / "00002.tar", {"2000": (photos[0].read_bytes(), "only one now")})
     with pytest.raises(

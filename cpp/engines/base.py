@@ -102,8 +102,8 @@ class _UnitItems(NamedTuple):
 
 
 class _UnitSampler(Sampler[_UnitItems]):
-    """Slices each unit's items from the source in the loader's own process, as the loader asks for them, so
-    workers never list the source (a sharded source is listed once, a few shards at a time)."""
+    """Slices each unit's items from the source in the loader's own process, as the loader asks for them, and
+    hands them to the worker, so workers never list the source themselves."""
 
     def __init__(self, items: Sequence[Item], units: list[tuple[int, int]]) -> None:
         self.items = items
