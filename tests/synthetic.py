@@ -26,7 +26,7 @@ def write_store(path: Path, x: np.ndarray, chunk_size: int, dtype: str = "float3
     writer = StoreWriter.open(path, identity, settings)
     for start in range(0, len(x), chunk_size):
         block = x[start : start + chunk_size]
-        entries = [
+        entries: list[dict[str, object]] = [
             {"key": f"row{i}", "path": None, "captions": [], "label": None, "status": "ok", "reason": None}
             for i in range(start, start + len(block))
         ]

@@ -78,6 +78,7 @@ def test_user_errors_exit_2(
         "effnet-lite0-in1k",
         *extra,
     ]
+    code: str | int | None
     try:
         code = main(args)
     except SystemExit as exc:  # argparse rejects malformed values itself

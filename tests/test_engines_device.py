@@ -125,7 +125,9 @@ def test_geometry_on_tensors_matches_pil_preprocess(spec: str, tiny_clip_spec: s
         decoder = device_module.DeviceDecoder(
             torch.device("cpu"), encoder.geometry, encoder.preprocess, 10**8
         )
-        got = decoder.resize_crop(decoder.decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)]))
+        decoded = decoder.decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)])
+        assert decoded[0] is not None
+        got = decoder.resize_crop([decoded[0]])
         difference = (got[0].int() - expected).abs()
         assert got[0].shape == expected.shape
         assert difference.max() <= 3 and difference.float().mean() < 0.05, name

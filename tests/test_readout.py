@@ -39,7 +39,7 @@ def test_fixed_k_readout_shapes_and_ranges(fitted_data: tuple[FittedHead, np.nda
     np.testing.assert_allclose(np.linalg.norm(out.centers, axis=1), 1, atol=1e-5)
     assert out.bases.shape == (4, 16, 4)
     assert out.k_selection.method == "fixed" and out.k_selection.k == 4
-    assert out.z.shape == (600, 16)
+    assert out.z is not None and out.z.shape == (600, 16)
     assert clustering_accuracy(y, out.labels) > 0.8
 
 
