@@ -125,6 +125,63 @@ def source_parts(spec: SourceSpec) -> list[SourcePart]:
     raise SourceError(f"unknown source type {spec.type!r}")  # pragma: no cover - pydantic validates
 
 
+@dataclass(frozen=True)
+class PartSlice:
+    """Items ``start:stop`` of one source part, named by how to list it rather than by its items.
+
+    Small and picklable (the lister is a ``functools.partial`` of a module-level function), so a remote
+    worker can list the part itself; ``count`` is the part's size when it was counted.
+    """
+
+    name: str
+    lister: Callable[[], Iterable[Item]]
+    count: int
+    start: int
+    stop: int
+
+
+class PartLists:
+    """The item lists of the ``keep`` most recently used source parts, listed on first use. Thread-safe.
+
+    A part whose item count differs from the one it was counted with raises :class:`SourceError`.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self._keep = max(1, keep)
+        self._lists: OrderedDict[str, list[Item]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+    def items(self, name: str, lister: Callable[[], Iterable[Item]], count: int | None = None) -> list[Item]:
+        """All items of the part ``name`` (``count``: the size it must have)."""
+        with self._lock:
+            items = self._lists.get(name)
+            if items is None:
+                items = list(lister())
+                self._lists[name] = items
+                if len(self._lists) > self._keep:
+                    self._lists.popitem(last=False)
+            else:
+                self._lists.move_to_end(name)
+        if count is not None and len(items) != count:
+            raise SourceError(
+                f"{name!r} changed while it was in use: it listed {count} images, now {len(items)}"
+            )
+        return items
+
+    def resolve(self, entries: Iterable[Item | PartSlice]) -> list[Item]:
+        """Items and part slices (see :meth:`SourceItems.unit_entries`) as the items they stand for."""
+        out: list[Item] = []
+        for entry in entries:
+            if isinstance(entry, PartSlice):
+                out.extend(self.items(entry.name, entry.lister, entry.count)[entry.start : entry.stop])
+            else:
+                out.append(entry)
+        return out
+
+
 class SourceItems(Sequence[Item]):
     """The items of a source, indexable, holding only a few parts (webdataset shards) in memory at a time.
 
@@ -136,12 +193,10 @@ class SourceItems(Sequence[Item]):
 
     def __init__(self, parts: list[SourcePart], *, cached_parts: int = 3) -> None:
         self._parts = parts
-        self._cached_parts = max(1, cached_parts)
-        self._cache: OrderedDict[int, list[Item]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lists = PartLists(cached_parts)
         self._starts = [0]
-        for index in range(len(parts)):
-            self._starts.append(self._starts[-1] + len(self._list(index)))
+        for name, lister in parts:
+            self._starts.append(self._starts[-1] + len(self._lists.items(name, lister)))
 
     @classmethod
     def of(cls, spec: SourceSpec, *, cached_parts: int = 3) -> SourceItems:
@@ -162,42 +217,33 @@ class SourceItems(Sequence[Item]):
             start, stop, step = index.indices(len(self))
             if step != 1:
                 return [self[i] for i in range(start, stop, step)]
-            out: list[Item] = []
-            while start < stop:
-                part = bisect.bisect_right(self._starts, start) - 1
-                end = min(stop, self._starts[part + 1])
-                out.extend(self._items(part)[start - self._starts[part] : end - self._starts[part]])
-                start = end
-            return out
+            return self._lists.resolve(self.slices(start, stop))
         position = operator.index(index)
         if position < 0:
             position += len(self)
         if not 0 <= position < len(self):
             raise IndexError(f"item index {index} out of range for {len(self)} items")
-        part = bisect.bisect_right(self._starts, position) - 1
-        return self._items(part)[position - self._starts[part]]
+        (part,) = self.slices(position, position + 1)
+        return self._lists.resolve([part])[0]
 
-    def _items(self, part: int) -> list[Item]:
-        items = self._list(part)
-        expected = self._starts[part + 1] - self._starts[part]
-        if len(items) != expected:
-            raise SourceError(
-                f"{self._parts[part][0]!r} changed while it was in use: it listed {expected} images, "
-                f"now {len(items)}"
-            )
-        return items
+    def slices(self, start: int, stop: int) -> list[PartSlice]:
+        """Items ``start:stop`` (``0 <= start <= stop <= len``) as one slice per part they cover."""
+        out: list[PartSlice] = []
+        while start < stop:
+            part = bisect.bisect_right(self._starts, start) - 1
+            offset, end = self._starts[part], min(stop, self._starts[part + 1])
+            name, lister = self._parts[part]
+            count = self._starts[part + 1] - offset
+            out.append(PartSlice(name, lister, count, start - offset, end - offset))
+            start = end
+        return out
 
-    def _list(self, part: int) -> list[Item]:
-        with self._lock:
-            cached = self._cache.get(part)
-            if cached is not None:
-                self._cache.move_to_end(part)
-                return cached
-            items = list(self._parts[part][1]())
-            self._cache[part] = items
-            if len(self._cache) > self._cached_parts:
-                self._cache.popitem(last=False)
-            return items
+    def unit_entries(self, start: int, stop: int) -> list[Item] | list[PartSlice]:
+        """What a remote worker needs for items ``start:stop``: part slices of a sharded source (it lists
+        those shards itself), else the items (a source in one part is already listed here)."""
+        if len(self._parts) > 1:
+            return self.slices(start, stop)
+        return self[start:stop]
 
 
 def _is_image_name(name: str) -> bool:

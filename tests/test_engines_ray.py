@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from controls import cancel_after
+from photos import write_shard
 
 from cpp.cli import main
 from cpp.embed import embed_source
@@ -66,6 +67,28 @@ def test_ray_store_equals_local_store(source: SourceSpec, tmp_path: Path, tiny_e
     run = store.meta["run"]
     assert run["engine"] == "ray" and run["actors"] == 2 and run["gpus_per_actor"] == 0.0
     assert run["actor_device"] == "cpu" and run["nodes"] == 1
+
+
+def test_ray_lists_shards_in_the_actors_like_the_local_engine(
+    photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder
+) -> None:
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    for number, size in enumerate([4, 2, 4]):  # units of 3 cross the shard boundaries
+        samples = {f"{number}{i:02d}": (photos[(number + i) % 8].read_bytes(), f"c{i}") for i in range(size)}
+        write_shard(tmp_path / f"{number:05d}.tar", samples)
+    source = SourceSpec(type="webdataset", path=str(tmp_path / "{00000..00002}.tar"))
+    local = embed_source(
+        source, tmp_path / "local", tiny_encoder, batch_size=BATCH, chunk_size=CHUNK, workers=0
+    )
+    store = embed_source(
+        source, tmp_path / "ray", tiny_encoder, batch_size=BATCH, chunk_size=CHUNK, engine=RayEngine(actors=2)
+    )
+    assert store.rows() == local.rows() and store.counts == local.counts == {
+        "items": 10,
+        "embedded": 10,
+        "skipped": 0,
+    }
+    np.testing.assert_allclose(store.features(np.float32), local.features(np.float32), atol=2e-3)
 
 
 def test_resume_local_chunks_with_ray_and_ray_chunks_after_cancel(

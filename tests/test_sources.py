@@ -14,7 +14,15 @@ from PIL import Image
 
 from cpp.errors import SourceError
 from cpp.options import SourceSpec
-from cpp.sources import Item, SourceItems, expand_braces, infer_source_spec, iter_items
+from cpp.sources import (
+    Item,
+    PartLists,
+    PartSlice,
+    SourceItems,
+    expand_braces,
+    infer_source_spec,
+    iter_items,
+)
 
 
 def _spec(kind: str, path: Path | str, **kwargs: object) -> SourceSpec:
@@ -110,7 +118,7 @@ def test_source_items_index_shards_like_a_list_holding_few_of_them(photo_dir: Pa
     assert [item.key for item in items[::3]] == keys[::3]
     assert [item.captions for item in items[2:4]] == [("c0.2",), ("c2.0",)]
     assert items[4].load_bytes() == photos[1].read_bytes()
-    assert len(items._cache) <= 2  # only the most recently read shards are held
+    assert len(items._lists) <= 2  # only the most recently read shards are held
     with pytest.raises(IndexError):
         items[len(keys)]
 
@@ -120,6 +128,26 @@ def test_source_items_index_shards_like_a_list_holding_few_of_them(photo_dir: Pa
         SourceError, match=r"00002\.tar' changed while it was in use: it listed 4 images, now 1"
     ):
         fresh[5]
+
+
+def test_unit_entries_name_shard_slices_that_resolve_to_the_items(photo_dir: Path, tmp_path: Path) -> None:
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    for number, size in enumerate([3, 4]):
+        samples = {f"{number}{i:03d}": (photos[i].read_bytes(), f"c{i}") for i in range(size)}
+        write_shard(tmp_path / f"{number:05d}.tar", samples)
+    items = SourceItems.of(_spec("webdataset", tmp_path / "{00000..00001}.tar"))
+    entries = items.unit_entries(1, 6)
+    assert [(e.start, e.stop, e.count) for e in entries if isinstance(e, PartSlice)] == [(1, 3, 3), (0, 3, 4)]
+    shipped = pickle.loads(pickle.dumps(entries))  # what a remote worker receives
+    assert len(pickle.dumps(entries)) < 1000
+    assert [item.key for item in PartLists().resolve(shipped)] == [item.key for item in items[1:6]]
+
+    single = SourceItems.of(_spec("folder", photo_dir))  # one part: already listed here, items are shipped
+    assert single.unit_entries(0, 3) == single[0:3]
+
+    write_shard(tmp_path / "00001.tar", {"1000": (photos[0].read_bytes(), "only one now")})
+    with pytest.raises(SourceError, match=r"00001\.tar' changed while it was in use: it listed 4 images"):
+        PartLists().resolve(shipped)
 
 
 def test_source_items_list_each_part_once_when_read_in_order() -> None:

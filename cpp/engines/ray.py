@@ -1,13 +1,15 @@
 """The Ray engine: units embedded by Ray Data actors, on this machine or across a Ray cluster.
 
 The driver (this process) turns the planned units into a Ray dataset with one row, and one block, per unit:
-its start and its pickled items (keys and picklable loaders). A pool of actors maps it, one unit per call
-(the explicit batch size); each actor builds ONE encoder from the registry spec ``encoder.id`` and decodes
-(with ``cpus_per_actor`` threads) and encodes its units. Ray Data's ``preserve_order`` option returns the
-units in plan order as they complete, so :func:`cpp.embed.embed_source` writes each chunk as soon as it is
-full and a run resumes after its last complete chunk, whichever engine wrote the chunks before. Measured on
-a 2-CPU machine with units of uneven cost, ``preserve_order`` took as long as unordered output put back in
-order by the driver, which needed a reorder buffer of up to 5 units.
+its start and what the unit holds, pickled: for a sharded source the shard slices it covers (each actor
+lists those shards itself and keeps the last two), else its items (keys and picklable loaders). A pool of
+actors maps it, one unit per call (the explicit batch size); each actor builds ONE encoder from the registry
+spec ``encoder.id`` and decodes (with ``cpus_per_actor`` threads) and encodes its units. Ray Data's
+``preserve_order`` option returns the units in plan order as they complete, so
+:func:`cpp.embed.embed_source` writes each chunk as soon as it is full and a run resumes after its last
+complete chunk, whichever engine wrote the chunks before. Measured on a 2-CPU machine with units of uneven
+cost, ``preserve_order`` took as long as unordered output put back in order by the driver, which needed a
+reorder buffer of up to 5 units.
 
 Ray is imported only when the engine runs, so ``import cpp`` works without it (``pip install 'cpp[ray]'``).
 """
@@ -32,7 +34,7 @@ from cpp.engines.base import DecodedUnit, EmbedEngine, EncodedUnit, decode_unit,
 from cpp.engines.registry import register_engine
 from cpp.errors import CppError
 from cpp.logging import get_logger
-from cpp.sources import Item
+from cpp.sources import Item, PartLists, SourceItems
 
 _log = get_logger(__name__)
 
@@ -77,11 +79,12 @@ class UnitEmbedder:
         self.max_pixels = max_pixels
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.parts = PartLists(keep=2)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (start,) = batch["start"]
         (payload,) = batch["items"]
-        unit = encode_unit(self._decode(pickle.loads(payload)), self.encoder)
+        unit = encode_unit(self._decode(self.parts.resolve(pickle.loads(payload))), self.encoder)
         return {
             "start": np.array([start], dtype=np.int64),
             "features": np.array([unit.features.astype(np.float32).tobytes()], dtype=object),
@@ -256,10 +259,7 @@ class RayEngine(EmbedEngine):
         context.execution_options.preserve_order = True  # units come back in plan order
         context.enable_progress_bars = False  # embed_source shows its own
         try:  # a dataset keeps the context current at its creation
-            rows = [
-                {"start": start, "items": pickle.dumps(list(items[start:end]), protocol=5)}
-                for start, end in units
-            ]
+            rows = [{"start": start, "items": _unit_payload(items, start, end)} for start, end in units]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
             return dataset.map_batches(
                 UnitEmbedder,
@@ -290,6 +290,12 @@ class RayEngine(EmbedEngine):
             **settings,
             **self._resolved,
         }
+
+
+def _unit_payload(items: Sequence[Item], start: int, end: int) -> bytes:
+    """A unit's row payload: shard slices of a sharded source (a few hundred bytes), else its items."""
+    entries = items.unit_entries(start, end) if isinstance(items, SourceItems) else list(items[start:end])
+    return pickle.dumps(entries, protocol=5)
 
 
 def _failure(exc: Exception) -> str:
