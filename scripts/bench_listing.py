@@ -5,8 +5,8 @@
 Writes ``--shards`` webdataset shards of ``--per-shard`` samples as img2dataset does (``.jpg`` of 200 bytes,
 ``.txt`` caption of about 80 characters, ``.json``), then reads them the way ``cpp embed`` does, unit by unit
 (``--batch`` items), once from a plain list of all items and once from ``SourceItems``. Each way runs in its
-own process, once timed and once traced; prints JSON with the time to list and to read, and the peak
-Python heap (tracemalloc).
+own process, once timed and once traced; prints JSON with the time to list and to read, the peak
+Python heap (tracemalloc), and the bytes per item of the job rows the Ray engine's driver builds from them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cpp.engines.ray import unit_payload
 from cpp.options import SourceSpec
 from cpp.sources import Item, SourceItems, iter_items
 
@@ -69,7 +70,18 @@ def _measure(way: str, spec: SourceSpec, batch: int, traced: bool, out: Any) -> 
         peak = tracemalloc.get_traced_memory()[1]
         out.put({"peak_heap_mib": round(peak / 2**20, 1), "heap_bytes_per_item": round(peak / seen, 1)})
     else:
-        out.put({"items": seen, "list_s": round(listed - started, 2), "read_s": round(finished - listed, 2)})
+        payload = sum(
+            len(unit_payload(items, start, min(start + batch, len(items))))
+            for start in range(0, len(items), batch)
+        )
+        out.put(
+            {
+                "items": seen,
+                "list_s": round(listed - started, 2),
+                "read_s": round(finished - listed, 2),
+                "ray_payload_bytes_per_item": round(payload / seen, 2),
+            }
+        )
 
 
 def main() -> None:

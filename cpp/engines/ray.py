@@ -259,7 +259,7 @@ class RayEngine(EmbedEngine):
         context.execution_options.preserve_order = True  # units come back in plan order
         context.enable_progress_bars = False  # embed_source shows its own
         try:  # a dataset keeps the context current at its creation
-            rows = [{"start": start, "items": _unit_payload(items, start, end)} for start, end in units]
+            rows = [{"start": start, "items": unit_payload(items, start, end)} for start, end in units]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
             return dataset.map_batches(
                 UnitEmbedder,
@@ -292,7 +292,7 @@ class RayEngine(EmbedEngine):
         }
 
 
-def _unit_payload(items: Sequence[Item], start: int, end: int) -> bytes:
+def unit_payload(items: Sequence[Item], start: int, end: int) -> bytes:
     """A unit's row payload: shard slices of a sharded source (a few hundred bytes), else its items."""
     entries = items.unit_entries(start, end) if isinstance(items, SourceItems) else list(items[start:end])
     return pickle.dumps(entries, protocol=5)
