@@ -165,8 +165,7 @@ def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
 
 def _entries(items: Sequence[Item], unit: EncodedUnit) -> list[dict[str, Any]]:
     entries = []
-    for position in range(unit.size):
-        item = items[unit.start + position]
+    for position, item in enumerate(items[unit.start : unit.start + unit.size]):
         reason = unit.failures.get(position)
         entries.append(
             {

@@ -223,8 +223,10 @@ class SourceItems(Sequence[Item]):
             position += len(self)
         if not 0 <= position < len(self):
             raise IndexError(f"item index {index} out of range for {len(self)} items")
-        (part,) = self.slices(position, position + 1)
-        return self._lists.resolve([part])[0]
+        part = bisect.bisect_right(self._starts, position) - 1
+        name, lister = self._parts[part]
+        items = self._lists.items(name, lister, self._starts[part + 1] - self._starts[part])
+        return items[position - self._starts[part]]
 
     def slices(self, start: int, stop: int) -> list[PartSlice]:
         """Items ``start:stop`` (``0 <= start <= stop <= len``) as one slice per part they cover."""
