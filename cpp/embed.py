@@ -23,7 +23,7 @@ from cpp.images import DEFAULT_MAX_PIXELS
 from cpp.logging import get_logger, progress_bar
 from cpp.options import SourceSpec
 from cpp.progress import RunControl
-from cpp.sources import Item, SourceItems, resolved_spec
+from cpp.sources import Item, Roots, SourceItems, resolved_spec
 from cpp.store import FeatureStore, StoreWriter, check_complete_store
 
 _log = get_logger(__name__)
@@ -64,6 +64,7 @@ def embed_source(
     dtype: str = "float16",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     control: RunControl | None = None,
+    roots: Roots = None,
 ) -> FeatureStore:
     """Embed every image of ``source`` with ``encoder`` into a feature store at ``out_dir``.
 
@@ -71,7 +72,8 @@ def embed_source(
     its last complete chunk (with its original chunk size, dtype and max_pixels). Unusable files are
     skipped and listed with the reason. Raises :class:`~cpp.progress.Cancelled` between batches when
     ``control`` is cancelled; the chunks written so far are kept for resuming. ``engine`` decodes and
-    encodes (default: :class:`~cpp.engines.LocalEngine` with ``workers`` decode processes).
+    encodes (default: :class:`~cpp.engines.LocalEngine` with ``workers`` decode processes). With ``roots``,
+    only files inside them are read (:mod:`cpp.sources`).
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
@@ -87,7 +89,7 @@ def embed_source(
         _log.info("using the existing feature store %s (%d rows)", existing.path, len(existing))
         return existing
 
-    items = SourceItems.of(source)
+    items = SourceItems.of(source, roots=roots)
     listed = time.perf_counter()
     settings = {"chunk_size": chunk_size, "dtype": dtype, "dim": encoder.dim, "max_pixels": max_pixels}
     writer = StoreWriter.open(out_dir, identity, settings)

@@ -47,9 +47,15 @@ from cpp.result import (
     RunInfo,
     SkippedFile,
 )
-from cpp.sources import resolved_spec
+from cpp.sources import OUTSIDE_ROOTS, Roots, inside_roots, resolved_spec
 from cpp.store import FeatureStore, RowRecord
-from cpp.vocab import CAPTIONS, SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
+from cpp.vocab import (
+    BUILTIN_VOCABULARIES,
+    CAPTIONS,
+    SIMPLE_TEMPLATES,
+    captions_vocabulary,
+    resolve_vocabulary,
+)
 
 log = get_logger("pipeline")
 
@@ -204,13 +210,15 @@ def run_cluster(
     control: RunControl | None = None,
     encoder: Encoder | None = None,
     engine: EmbedEngine | None = None,
+    roots: Roots = None,
 ) -> ClusterResult:
     """Cluster and name the images of ``source``; writes ``work_dir/result.json`` and returns the result.
 
     Resumable: the feature store in ``work_dir/features`` and the fitted head are reused when they match.
     Progress stages: ``embed``, ``fit``, ``readout`` and ``name``; :class:`~cpp.progress.Cancelled` is raised
     between batches after ``control.cancel()``. ``encoder`` and ``engine`` override the ones ``options``
-    imply (default engine: local).
+    imply (default engine: local). With ``roots``, every file read (images, lists, annotations, vocabulary
+    files) must resolve inside them (:mod:`cpp.sources`).
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +231,9 @@ def run_cluster(
             encoder = create_encoder(options.model, device=options.device)
         except ValueError as exc:  # unknown spec or bad argument
             raise PipelineError(f"model {options.model!r}: {exc}") from exc
+    for spec in options.vocabulary:
+        if spec not in BUILTIN_VOCABULARIES and spec != CAPTIONS and not inside_roots(spec, roots):
+            raise PipelineError(f"vocabulary file {spec!r} is {OUTSIDE_ROOTS} (symbolic links are followed)")
     _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR)
     store = embed_source(
         source,
@@ -231,6 +242,7 @@ def run_cluster(
         batch_size=options.batch_size,
         engine=engine,
         control=control,
+        roots=roots,
     )
     n = len(store)
     timings["embed"] = time.perf_counter() - started

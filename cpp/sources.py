@@ -3,6 +3,11 @@
 Each :class:`Item` carries a stable key and a picklable ``load_bytes`` callable, so decoding can run in worker
 processes while listing stays cheap. :class:`SourceItems` indexes a source while holding only a few of its
 parts (webdataset shards) in memory.
+
+Confinement: listed with ``roots`` (the service's allowed roots), a source reads only files that resolve, with
+symbolic links followed, inside one of them, checked when each file is opened, not only when it is listed:
+the source's own files (folder, list, annotations, named shards) raise :class:`SourceError`, glob matches
+outside are left out, and an image outside is skipped with the reason ``outside allowed roots``.
 """
 
 from __future__ import annotations
@@ -47,21 +52,81 @@ class Item:
 #: A named part of a source (a webdataset shard, or the whole source) and how to list its items in order.
 SourcePart = tuple[str, Callable[[], Iterable[Item]]]
 
+#: Folders a source may read from (resolved, absolute); ``None``: anywhere.
+Roots = tuple[Path, ...] | None
 
-def read_file(path: str) -> bytes:
+OUTSIDE_ROOTS = "outside allowed roots"
+
+
+class OutsideRootsError(PermissionError):
+    """A file resolves (symbolic links followed) outside the allowed roots; ``str()`` is the skip reason."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(OUTSIDE_ROOTS)
+        self.path = path
+
+    def __str__(self) -> str:
+        return OUTSIDE_ROOTS
+
+
+def read_failure(exc: OSError) -> str:
+    """The skip reason recorded for an item whose ``load_bytes`` raised ``exc``."""
+    if isinstance(exc, OutsideRootsError):
+        return OUTSIDE_ROOTS
+    return f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def confine_roots(roots: Iterable[str | os.PathLike[str]] | None) -> Roots:
+    """``roots`` resolved for use as :data:`Roots` (``None`` stays unconfined)."""
+    return None if roots is None else tuple(Path(root).resolve() for root in roots)
+
+
+def inside_roots(path: str | os.PathLike[str], roots: Roots) -> bool:
+    """Whether ``path`` resolves (symbolic links followed) inside one of ``roots`` (always, without roots)."""
+    if roots is None:
+        return True
+    resolved = Path(os.path.realpath(path))
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _opened_path(handle: Any, path: str) -> str:
+    """The file ``handle`` really opened: its ``/proc/self/fd`` link on Linux, so a link swapped in after a
+    check cannot redirect the read; elsewhere the resolved path."""
+    try:
+        return os.readlink(f"/proc/self/fd/{handle.fileno()}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def open_confined(path: str, roots: Roots) -> Any:
+    """Open ``path`` for reading; :class:`OutsideRootsError` if the file it opened is outside ``roots``."""
+    handle = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    if roots is not None and not any(Path(_opened_path(handle, path)).is_relative_to(r) for r in roots):
+        handle.close()
+        raise OutsideRootsError(path)
+    return handle
+
+
+def read_file(path: str, roots: Roots = None) -> bytes:
     """Read a whole file (the ``load_bytes`` of file-backed items)."""
-    with open(path, "rb") as handle:
-        return handle.read()
+    with open_confined(path, roots) as handle:
+        data: bytes = handle.read()
+    return data
 
 
-def read_range(path: str, offset: int, size: int) -> bytes:
+def read_range(path: str, offset: int, size: int, roots: Roots = None) -> bytes:
     """Read ``size`` bytes at ``offset`` (the ``load_bytes`` of tar members)."""
-    with open(path, "rb") as handle:
+    with open_confined(path, roots) as handle:
         handle.seek(offset)
-        data = handle.read(size)
+        data: bytes = handle.read(size)
     if len(data) != size:
         raise OSError(f"{path}: expected {size} bytes at offset {offset}, got {len(data)} (truncated shard?)")
     return data
+
+
+def _require_inside(path: str | os.PathLike[str], roots: Roots, what: str) -> None:
+    if not inside_roots(path, roots):
+        raise SourceError(f"{what} {str(path)!r} is {OUTSIDE_ROOTS} (symbolic links are followed)")
 
 
 def infer_source_spec(
@@ -105,23 +170,29 @@ def resolved_spec(spec: SourceSpec) -> dict[str, Any]:
     return data
 
 
-def iter_items(spec: SourceSpec) -> Iterator[Item]:
+def iter_items(spec: SourceSpec, roots: Roots = None) -> Iterator[Item]:
     """Yield the items of ``spec`` in a deterministic order; :class:`SourceError` for unusable specs."""
-    for _, part in source_parts(spec):
+    for _, part in source_parts(spec, roots):
         yield from part()
 
 
-def source_parts(spec: SourceSpec) -> list[SourcePart]:
-    """The source as named parts that list their items in order: one per webdataset shard, else one."""
+def source_parts(spec: SourceSpec, roots: Roots = None) -> list[SourcePart]:
+    """The source as named parts that list their items in order: one per webdataset shard, else one.
+
+    With ``roots``, everything is read under them only (see the module docstring).
+    """
     if spec.type == "folder":
-        return [(spec.path, functools.partial(_iter_folder, Path(spec.path), spec.labels_from_folders))]
+        folder = functools.partial(_iter_folder, Path(spec.path), spec.labels_from_folders, roots)
+        return [(spec.path, folder)]
     if spec.type == "files":
-        return [(spec.path, functools.partial(_iter_file_list, Path(spec.path)))]
+        return [(spec.path, functools.partial(_iter_file_list, Path(spec.path), roots))]
     if spec.type == "webdataset":
-        return [(shard, functools.partial(_iter_shard, shard)) for shard in _shard_paths(spec.path)]
+        return [
+            (shard, functools.partial(_iter_shard, shard, roots)) for shard in _shard_paths(spec.path, roots)
+        ]
     if spec.type == "coco":
         annotations = [Path(a) for a in spec.annotations]
-        return [(spec.path, functools.partial(_iter_coco, Path(spec.path), annotations))]
+        return [(spec.path, functools.partial(_iter_coco, Path(spec.path), annotations, roots))]
     raise SourceError(f"unknown source type {spec.type!r}")  # pragma: no cover - pydantic validates
 
 
@@ -199,9 +270,9 @@ class SourceItems(Sequence[Item]):
             self._starts.append(self._starts[-1] + len(self._lists.items(name, lister)))
 
     @classmethod
-    def of(cls, spec: SourceSpec, *, cached_parts: int = 3) -> SourceItems:
-        """List ``spec`` (:class:`SourceError` for unusable specs)."""
-        return cls(source_parts(spec), cached_parts=cached_parts)
+    def of(cls, spec: SourceSpec, *, roots: Roots = None, cached_parts: int = 3) -> SourceItems:
+        """List ``spec``, reading under ``roots`` only if given (:class:`SourceError` for unusable specs)."""
+        return cls(source_parts(spec, roots), cached_parts=cached_parts)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -255,31 +326,41 @@ def _is_image_name(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- folder
 
 
-def _iter_folder(root: Path, labels_from_folders: bool) -> Iterator[Item]:
-    if not root.is_dir():
-        raise SourceError(f"image folder {str(root)!r} does not exist or is not a directory")
+def _image_files(root: Path) -> list[str]:
+    """Image files under ``root``, recursively (hidden files and folders left out), as sorted POSIX paths
+    relative to it. Symbolic links to folders are not followed; links to files are listed (and confined
+    when read)."""
     relative: list[str] = []
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         base = Path(directory).relative_to(root)
         relative.extend((base / name).as_posix() for name in files if _is_image_name(name) and name[0] != ".")
+    return sorted(relative)
+
+
+def _iter_folder(root: Path, labels_from_folders: bool, roots: Roots = None) -> Iterator[Item]:
+    if not root.is_dir():
+        raise SourceError(f"image folder {str(root)!r} does not exist or is not a directory")
+    _require_inside(root, roots, "image folder")
+    relative = _image_files(root)
     if not relative:
         raise SourceError(
             f"no images under {str(root)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
         )
-    for rel in sorted(relative):
+    for rel in relative:
         path = str(root / rel)
         parent = os.path.dirname(rel)
         label = os.path.basename(parent) if labels_from_folders and parent else None
-        yield Item(key=rel, path=path, load_bytes=functools.partial(read_file, path), label=label)
+        yield Item(key=rel, path=path, load_bytes=functools.partial(read_file, path, roots), label=label)
 
 
 # ------------------------------------------------------------------------------------------- file list
 
 
-def _iter_file_list(list_path: Path) -> Iterator[Item]:
+def _iter_file_list(list_path: Path, roots: Roots = None) -> Iterator[Item]:
     if not list_path.is_file():
         raise SourceError(f"file list {str(list_path)!r} does not exist")
+    _require_inside(list_path, roots, "file list")
     base = list_path.parent
     read = _read_csv_list if list_path.suffix.lower() == ".csv" else _read_txt_list
     entries = read(list_path)
@@ -294,7 +375,7 @@ def _iter_file_list(list_path: Path) -> Iterator[Item]:
         yield Item(
             key=entry,
             path=path,
-            load_bytes=functools.partial(read_file, path),
+            load_bytes=functools.partial(read_file, path, roots),
             captions=(caption,) if caption else (),
             label=label or None,
         )
@@ -358,15 +439,18 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in expand_braces(head + option + tail)]
 
 
-def _shard_paths(pattern: str) -> list[str]:
+def _shard_paths(pattern: str, roots: Roots = None) -> list[str]:
     paths: list[str] = []
     for candidate in expand_braces(pattern):
         if any(ch in candidate for ch in "*?["):
-            matched = sorted(glob.glob(candidate))
+            found = sorted(glob.glob(candidate))
+            matched = [path for path in found if inside_roots(path, roots)]
             if not matched:
-                raise SourceError(f"no shard files match {candidate!r}")
+                outside = f" ({len(found)} outside the allowed roots)" if found else ""
+                raise SourceError(f"no shard files match {candidate!r}{outside}")
             paths.extend(matched)
         else:
+            _require_inside(candidate, roots, "shard")
             paths.append(candidate)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -383,7 +467,8 @@ def _split_member(name: str) -> tuple[str, str]:
     return (os.path.join(directory, stem) if directory else stem), (extension.lower() if dot else "")
 
 
-def _iter_shard(shard: str) -> Iterator[Item]:
+def _iter_shard(shard: str, roots: Roots = None) -> Iterator[Item]:
+    _require_inside(shard, roots, "shard")
     shard_name = os.path.basename(shard)
     images: dict[str, TarMember] = {}
     captions: dict[str, str] = {}
@@ -407,7 +492,7 @@ def _iter_shard(shard: str) -> Iterator[Item]:
         yield Item(
             key=f"{shard_name}/{key}",
             path=f"{shard}/{member.name}",
-            load_bytes=functools.partial(read_range, shard, member.offset, member.size),
+            load_bytes=functools.partial(read_range, shard, member.offset, member.size, roots),
             captions=(caption,) if caption else (),
             label=labels.get(key),
         )
@@ -416,9 +501,12 @@ def _iter_shard(shard: str) -> Iterator[Item]:
 # ------------------------------------------------------------------------------------------------ COCO
 
 
-def _iter_coco(image_root: Path, annotation_files: list[Path]) -> Iterator[Item]:
+def _iter_coco(image_root: Path, annotation_files: list[Path], roots: Roots = None) -> Iterator[Item]:
+    """The images the annotations list (with their labels and captions), then every other image file in
+    ``image_root``, unlabelled, so that no image of the folder is dropped."""
     if not image_root.is_dir():
         raise SourceError(f"COCO image folder {str(image_root)!r} does not exist or is not a directory")
+    _require_inside(image_root, roots, "COCO image folder")
     if not annotation_files:
         raise SourceError(
             "a COCO source needs annotation files (instances and/or captions JSON): --annotations"
@@ -428,6 +516,7 @@ def _iter_coco(image_root: Path, annotation_files: list[Path]) -> Iterator[Item]
     area: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     captions: dict[int, list[str]] = defaultdict(list)
     for annotation_file in annotation_files:
+        _require_inside(annotation_file, roots, "COCO annotation file")
         data = _load_coco_json(annotation_file)
         try:
             for image in data["images"]:
@@ -445,6 +534,7 @@ def _iter_coco(image_root: Path, annotation_files: list[Path]) -> Iterator[Item]
                 f"{annotation_file}: malformed COCO entry ({type(exc).__name__}: {exc}); images need "
                 "'id' and 'file_name', categories 'id' and 'name', annotations 'image_id'"
             ) from exc
+    entries: dict[str, Item] = {}
     for image_id, file_name in sorted(file_names.items(), key=lambda pair: (pair[1], pair[0])):
         path = str(image_root / file_name)
         label = None
@@ -453,13 +543,22 @@ def _iter_coco(image_root: Path, annotation_files: list[Path]) -> Iterator[Item]
             if best not in categories:
                 raise SourceError(f"{annotation_files}: annotation uses unknown category_id {best}")
             label = categories[best]
-        yield Item(
-            key=file_name,
-            path=path,
-            load_bytes=functools.partial(read_file, path),
-            captions=tuple(captions.get(image_id, ())),
-            label=label,
+        entries.setdefault(
+            os.path.normpath(file_name),
+            Item(
+                key=file_name,
+                path=path,
+                load_bytes=functools.partial(read_file, path, roots),
+                captions=tuple(captions.get(image_id, ())),
+                label=label,
+            ),
         )
+    for rel in _image_files(image_root):
+        if os.path.normpath(rel) not in entries:
+            path = str(image_root / rel)
+            entries[rel] = Item(key=rel, path=path, load_bytes=functools.partial(read_file, path, roots))
+    for name in sorted(entries):
+        yield entries[name]
 
 
 def _load_coco_json(path: Path) -> dict[str, Any]:

@@ -1,6 +1,10 @@
 """Server-side path policy: jobs read only under ``CPP_ALLOWED_ROOTS``.
 
-Paths are resolved (symbolic links followed) and ``..`` is refused, so nothing escapes the roots.
+At submission, paths are resolved (symbolic links followed), ``..`` is refused and what can be checked
+cheaply is checked (existence, name lengths, shard pattern size), so a bad request fails at once with a
+problem. Shard patterns are not expanded here, and file lists are not read: the job does that, and checks
+every file it opens against the roots again (:mod:`cpp.sources`), so links changed after submission cannot
+lead it outside.
 """
 
 from __future__ import annotations
@@ -11,23 +15,27 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from cpp.errors import CppError
 from cpp.options import ClusterOptions, SourceSpec
-from cpp.sources import expand_braces, iter_items
 from cpp.vocab import BUILTIN_VOCABULARIES, CAPTIONS
 from service.problems import ApiProblem
 
 MAX_SHARDS = 100_000
+#: Longest file or folder name, in bytes (the usual file system limit).
+MAX_NAME_BYTES = 255
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+_WILDCARD = re.compile(r"[*?\[{]")
 
 
 def _forbidden(field: str, value: str, why: str) -> ApiProblem:
     return ApiProblem(403, "path-not-allowed", "Path not allowed", f"{field} {value!r}: {why}")
 
 
-def check_path(value: str, roots: Sequence[Path], field: str) -> Path:
-    """Resolve ``value`` and require it under one of ``roots``; raise a 403 problem otherwise."""
+def check_path(value: str, roots: Sequence[Path], field: str, *, must_exist: str | None = None) -> Path:
+    """Resolve ``value`` and require it under one of ``roots``; raise a 403 problem otherwise.
+
+    ``must_exist`` (``"dir"`` or ``"file"``) also requires it to exist as that (422 otherwise).
+    """
     if not roots:
         raise _forbidden(field, value, "this server reads no server-side paths (CPP_ALLOWED_ROOTS is empty)")
     if not os.path.isabs(value):
@@ -36,10 +44,28 @@ def check_path(value: str, roots: Sequence[Path], field: str) -> Path:
         raise _forbidden(field, value, "'..' is not allowed in paths")
     if "\x00" in value:
         raise _forbidden(field, value, "NUL bytes are not allowed in paths")
+    _check_name_lengths(value, field)
     resolved = Path(value).resolve()
     if not any(resolved.is_relative_to(root) for root in roots):
         raise _forbidden(field, value, "it is outside the allowed roots (symbolic links are followed)")
+    if must_exist == "dir" and not resolved.is_dir():
+        raise _bad_source(f"{field} {value!r} is not an existing folder")
+    if must_exist == "file" and not resolved.is_file():
+        raise _bad_source(f"{field} {value!r} is not an existing file")
     return resolved
+
+
+def _bad_source(detail: str) -> ApiProblem:
+    return ApiProblem(422, "bad-source", "Source not usable", detail)
+
+
+def _check_name_lengths(value: str, field: str) -> None:
+    for name in value.split("/"):
+        if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
+            raise _bad_source(
+                f"{field}: the name {name[:40]!r}... is over {MAX_NAME_BYTES} bytes, longer than a file "
+                "system allows"
+            )
 
 
 def _pattern_size(pattern: str) -> int:
@@ -51,38 +77,33 @@ def _pattern_size(pattern: str) -> int:
 
 
 def _check_shards(pattern: str, roots: Sequence[Path]) -> None:
+    """Check a shard pattern without expanding it: its size, no wildcards in folders, and its fixed leading
+    folder inside the roots (the job checks every shard it opens)."""
     if _pattern_size(pattern) > MAX_SHARDS:
-        raise ApiProblem(
-            422, "bad-source", "Source not usable", f"source.path {pattern!r} names over {MAX_SHARDS} shards"
+        raise _bad_source(f"source.path {pattern!r} names over {MAX_SHARDS} shards")
+    if any(ch in os.path.dirname(pattern) for ch in "*?["):
+        raise _bad_source(
+            f"source.path {pattern!r}: wildcards are allowed in file names only, not in folders"
         )
-    for candidate in expand_braces(pattern):
-        directory, name = os.path.split(candidate)
-        if any(ch in directory for ch in "*?["):
-            raise ApiProblem(
-                422,
-                "bad-source",
-                "Source not usable",
-                f"source.path {pattern!r}: wildcards are allowed in file names only, not in folders",
-            )
-        check_path(directory or "/", roots, "source.path")
-        if not any(ch in name for ch in "*?["):
-            check_path(candidate, roots, "source.path")
+    if ".." in _BRACE.sub(lambda m: "" if _RANGE.match(m.group(1)) else m.group(0), pattern):
+        raise _forbidden("source.path", pattern, "'..' is not allowed in paths")
+    first = _WILDCARD.search(pattern)
+    if first is None:
+        check_path(pattern, roots, "source.path", must_exist="file")
+        return
+    fixed = os.path.dirname(pattern[: first.start()]) or "/"
+    check_path(fixed, roots, "source.path", must_exist="dir")
+    _check_name_lengths(pattern, "source.path")
 
 
 def check_request_paths(source: SourceSpec, options: ClusterOptions, roots: Sequence[Path]) -> None:
-    """Check every server-side path a job would read: source, annotations, listed files, vocabulary files."""
-    try:
-        if source.type == "webdataset":
-            _check_shards(source.path, roots)
-        else:
-            check_path(source.path, roots, "source.path")
-        for annotation in source.annotations:
-            check_path(annotation, roots, "source.annotations")
-        if source.type == "files":
-            for item in iter_items(source):
-                check_path(item.path or item.key, roots, f"an entry of file list {source.path}")
-    except CppError as exc:
-        raise ApiProblem(422, "bad-source", "Source not usable", str(exc)) from exc
+    """Check the server-side paths of a request: source, annotations and vocabulary files."""
+    if source.type == "webdataset":
+        _check_shards(source.path, roots)
+    else:
+        check_path(source.path, roots, "source.path", must_exist="file" if source.type == "files" else "dir")
+    for annotation in source.annotations:
+        check_path(annotation, roots, "source.annotations", must_exist="file")
     for spec in options.vocabulary:
         if spec not in BUILTIN_VOCABULARIES and spec != CAPTIONS:
-            check_path(spec, roots, "options.vocabulary")
+            check_path(spec, roots, "options.vocabulary", must_exist="file")

@@ -4,6 +4,10 @@ Both back ends run the same SQL (``?`` placeholders, rewritten for psycopg). Tim
 A worker owns a running job through ``worker_id`` and keeps it with heartbeats; a running job whose
 heartbeat is older than the lease is claimed again (its feature store resumes), so a crashed worker loses
 nothing. SQLite serves one process, which re-queues its own running jobs at start-up.
+
+Every job has an ``owner``: the id of the API key that created it (never the key itself), or NULL when the
+service runs without keys. Reads that take an ``owner`` see only that owner's jobs (``ANY_OWNER``: all of
+them, for workers and admin keys); idempotency keys are scoped to their owner.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -30,6 +34,11 @@ class JobStatus(str, Enum):
 
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+#: ``owner`` argument that matches every job (workers, admin keys, a service without keys).
+ANY_OWNER = object()
+Owner = str | None | object
 
 
 class IdempotencyConflict(Exception):
@@ -57,6 +66,7 @@ class JobRecord:
     cancel_requested: bool
     idempotency_key: str | None
     request_hash: str
+    owner: str | None
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -77,8 +87,9 @@ class JobRecord:
             progress=json.loads(r["progress"]) if r["progress"] else None,
             error=json.loads(r["error"]) if r["error"] else None,
             cancel_requested=bool(r["cancel_requested"]),
-            idempotency_key=r["idempotency_key"],
+            idempotency_key=_unscoped(r["idempotency_key"]),
             request_hash=r["request_hash"],
+            owner=r["owner"],
         )
 
 
@@ -100,10 +111,34 @@ _SCHEMA = (
         error TEXT,
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         idempotency_key TEXT UNIQUE,
-        request_hash TEXT NOT NULL
+        request_hash TEXT NOT NULL,
+        owner TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at)",
 )
+#: Columns added after the first release: (name, ALTER statement), applied to older databases at start-up.
+_ADDED_COLUMNS = (("owner", "ALTER TABLE jobs ADD COLUMN owner TEXT"),)
+_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at)",)
+_SCOPE = "\x1f"
+
+
+def _scoped(owner: str | None, idempotency_key: str | None) -> str | None:
+    """The stored form of an idempotency key: unique per owner, not across owners."""
+    return None if idempotency_key is None else f"{owner or ''}{_SCOPE}{idempotency_key}"
+
+
+def _unscoped(stored: str | None) -> str | None:
+    return None if stored is None else stored.rpartition(_SCOPE)[2]
+
+
+def _owner_clause(owner: Owner) -> tuple[str, list[Any]]:
+    """SQL condition (with its parameters) restricting rows to ``owner``."""
+    if owner is ANY_OWNER:
+        return "1 = 1", []
+    if owner is None:
+        return "owner IS NULL", []
+    return "owner = ?", [owner]
+
 
 _ACTIVE = "('queued', 'running')"
 
@@ -115,6 +150,8 @@ class JobStore(ABC):
     claim_lock = ""
     #: True when one process owns the database and may re-queue every running job at start-up.
     single_process = False
+    #: Lists the ``jobs`` table's columns (rows with a ``name`` field).
+    columns_sql = "SELECT column_name AS name FROM information_schema.columns WHERE table_name = 'jobs'"
 
     @abstractmethod
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -128,8 +165,18 @@ class JobStore(ABC):
     def close(self) -> None: ...
 
     def init_schema(self) -> None:
+        self._apply_schema(self._query)
+
+    def _apply_schema(self, query: Callable[[str], list[Any]]) -> None:
+        """Create the table, add the columns an older database lacks, then the indexes."""
         for statement in _SCHEMA:
-            self._query(statement)
+            query(statement)
+        present = {dict(row)["name"] for row in query(self.columns_sql)}
+        for name, alter in _ADDED_COLUMNS:
+            if name not in present:
+                query(alter)
+        for statement in _INDEXES:
+            query(statement)
 
     def ping(self) -> None:
         """Raise if the database cannot answer."""
@@ -144,15 +191,18 @@ class JobStore(ABC):
         device: str,
         request_hash: str,
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Insert a queued job; with a known ``idempotency_key`` return that job instead (``created`` False).
+        """Insert a queued job of ``owner``; with an ``idempotency_key`` this owner used before, return that
+        job instead (``created`` False).
 
         Raises :class:`IdempotencyConflict` when the key was used with another request.
         """
         now = time.time()
+        scoped = _scoped(owner, idempotency_key)
         rows = self._query(
             "INSERT INTO jobs (id, status, source, options, device, created_at, updated_at, "
-            "idempotency_key, request_hash) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?) "
+            "idempotency_key, request_hash, owner) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
             (
                 job_id,
@@ -161,13 +211,14 @@ class JobStore(ABC):
                 device,
                 now,
                 now,
-                idempotency_key,
+                scoped,
                 request_hash,
+                owner,
             ),
         )
         if rows:
             return JobRecord.from_row(rows[0]), True
-        existing = self._query("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+        existing = self._query("SELECT * FROM jobs WHERE idempotency_key = ?", (scoped,))
         if not existing:  # deleted between the two statements: try again under the same key
             return self.create(
                 job_id=job_id,
@@ -176,21 +227,27 @@ class JobStore(ABC):
                 device=device,
                 request_hash=request_hash,
                 idempotency_key=idempotency_key,
+                owner=owner,
             )
         job = JobRecord.from_row(existing[0])
         if job.request_hash != request_hash:
             raise IdempotencyConflict(idempotency_key)
         return job, False
 
-    def get(self, job_id: str) -> JobRecord | None:
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    def get(self, job_id: str, owner: Owner = ANY_OWNER) -> JobRecord | None:
+        """The job ``job_id`` if ``owner`` may see it."""
+        clause, params = _owner_clause(owner)
+        rows = self._query(f"SELECT * FROM jobs WHERE id = ? AND {clause}", (job_id, *params))
         return JobRecord.from_row(rows[0]) if rows else None
 
     def list_jobs(
-        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50
+        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50, owner: Owner = ANY_OWNER
     ) -> tuple[list[JobRecord], int]:
-        """A page of jobs, newest first, and the total matching."""
-        where, params = ("WHERE status = ?", [status.value]) if status else ("", [])
+        """A page of ``owner``'s jobs, newest first, and the total matching."""
+        clause, params = _owner_clause(owner)
+        where = f"WHERE {clause}"
+        if status:
+            where, params = f"{where} AND status = ?", [*params, status.value]
         total = self._query(f"SELECT COUNT(*) AS n FROM jobs {where}", params)[0]
         rows = self._query(
             f"SELECT * FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
@@ -271,26 +328,29 @@ class JobStore(ABC):
             (time.time(),),
         )
 
-    def request_cancel(self, job_id: str) -> JobRecord | None:
-        """Cancel a queued job now, or flag a running one; returns the job (None if unknown)."""
+    def request_cancel(self, job_id: str, owner: Owner = ANY_OWNER) -> JobRecord | None:
+        """Cancel a queued job now, or flag a running one; returns the job (None if unknown to ``owner``)."""
         now = time.time()
+        clause, params = _owner_clause(owner)
         rows = self._query(
             "UPDATE jobs SET cancel_requested = 1, updated_at = ?, "
             "finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END, "
             "status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END "
-            f"WHERE id = ? AND status IN {_ACTIVE} RETURNING *",
-            (now, now, job_id),
+            f"WHERE id = ? AND status IN {_ACTIVE} AND {clause} RETURNING *",
+            (now, now, job_id, *params),
         )
-        return JobRecord.from_row(rows[0]) if rows else self.get(job_id)
+        return JobRecord.from_row(rows[0]) if rows else self.get(job_id, owner)
 
-    def delete(self, job_id: str) -> bool:
-        return self._rowcount("DELETE FROM jobs WHERE id = ?", (job_id,)) == 1
+    def delete(self, job_id: str, owner: Owner = ANY_OWNER) -> bool:
+        clause, params = _owner_clause(owner)
+        return self._rowcount(f"DELETE FROM jobs WHERE id = ? AND {clause}", (job_id, *params)) == 1
 
 
 class SqliteJobStore(JobStore):
     """One SQLite file in WAL mode, one connection serialised by a lock (one service process)."""
 
     single_process = True
+    columns_sql = "SELECT name FROM pragma_table_info('jobs')"
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +418,12 @@ class PostgresJobStore(JobStore):
         with self._conn().transaction(), self._cursor() as cur:
             # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
             cur.execute("SELECT pg_advisory_xact_lock(727274)")
-            for statement in _SCHEMA:
-                cur.execute(statement)
+
+            def query(sql: str) -> list[Any]:
+                cur.execute(sql)
+                return cur.fetchall() if cur.description is not None else []
+
+            self._apply_schema(query)
 
     def close(self) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
 """Background workers: each runs queued jobs one at a time on its device, with encoders loaded once.
 
-A worker thread claims a job, calls ``run_cluster`` on the job's work directory and records the outcome.
+A worker thread claims a job, calls ``run_cluster`` on the job's work directory (reading only under the
+allowed roots and the job's own folder) and records the outcome.
 A monitor thread beside it writes progress and heartbeats to the store and turns a cancel request seen in
 the store (from any process) into ``RunControl.cancel_event``, which the library checks between batches.
 """
@@ -13,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -24,6 +25,7 @@ from cpp.logging import get_logger
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.progress import Cancelled, ProgressEvent, RunControl
 from cpp.result import Assignment, ClusterResult
+from cpp.sources import Roots, confine_roots
 from service.store import JobRecord, JobStatus, JobStore
 
 log = get_logger("service.worker")
@@ -43,6 +45,7 @@ class Pipeline(Protocol):
         *,
         control: RunControl | None = None,
         encoder: Encoder | None = None,
+        roots: Roots = None,
     ) -> ClusterResult: ...
 
     def read_assignments(
@@ -114,6 +117,7 @@ class Worker:
         *,
         pipeline: Pipeline,
         encoder_factory: EncoderFactory,
+        allowed_roots: Sequence[Path] = (),
         poll_interval_s: float = 1.0,
         lease_s: float = 120.0,
         nice: int = 0,
@@ -125,6 +129,7 @@ class Worker:
         self.device = device
         self.pipeline = pipeline
         self.encoder_factory = encoder_factory
+        self.allowed_roots = tuple(allowed_roots)
         self.poll_interval_s = poll_interval_s
         self.nice = nice
         self.lease_s = lease_s
@@ -211,7 +216,11 @@ class Worker:
             options = ClusterOptions.model_validate(job.options).model_copy(update={"device": self.device})
             encoder = self._encoder(options.model)
             work_dir.mkdir(parents=True, exist_ok=True)
-            self.pipeline.run_cluster(source, options, work_dir, control=active.control, encoder=encoder)
+            # A job reads under the allowed roots and inside its own folder (its uploads), checked per file.
+            roots = confine_roots([*self.allowed_roots, work_dir])
+            self.pipeline.run_cluster(
+                source, options, work_dir, control=active.control, encoder=encoder, roots=roots
+            )
         except Cancelled:
             status = JobStatus.cancelled
         except Exception as exc:

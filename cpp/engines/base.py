@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cpp.encoders.base import Encoder
 from cpp.images import BadImage, decode_image
-from cpp.sources import Item
+from cpp.sources import Item, read_failure
 
 T = TypeVar("T")
 
@@ -69,7 +69,7 @@ def _prepare(item: Item, preprocess: Callable[[Image.Image], torch.Tensor], max_
     try:
         data = item.load_bytes()
     except OSError as exc:
-        raise BadImage(f"unreadable ({type(exc).__name__}: {exc})") from None
+        raise BadImage(read_failure(exc)) from None
     return prepare_image(data, preprocess, max_pixels)
 
 

@@ -37,7 +37,7 @@ from cpp.engines.registry import register_engine
 from cpp.errors import CppError
 from cpp.images import BadImage
 from cpp.logging import get_logger
-from cpp.sources import Item
+from cpp.sources import Item, read_failure
 
 _log = get_logger(__name__)
 
@@ -143,7 +143,7 @@ def read_unit(
         try:
             data = item.load_bytes()
         except OSError as exc:
-            failures[position] = f"unreadable ({type(exc).__name__}: {exc})"
+            failures[position] = read_failure(exc)
             continue
         header = jpeg_header(data, max_pixels)
         index = start + position

@@ -1,7 +1,8 @@
-"""FastAPI dependencies: the service container, settings, job store and API-key check."""
+"""FastAPI dependencies: the service container, settings, job store and the caller (API-key check)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -12,7 +13,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from service.metrics import ServiceMetrics
 from service.problems import ApiProblem
 from service.settings import Settings
-from service.store import JobStore
+from service.store import ANY_OWNER, JobStore, Owner
 from service.worker import Pipeline, Worker
 
 
@@ -59,24 +60,55 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of CPP_API_KEYS")
 
 
+def key_id(key: str) -> str:
+    """The id stored with a key's jobs: a digest, so the database never holds the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the id of their API key (None on a service without keys), and whether it is an
+    admin key (``CPP_ADMIN_KEYS``), which sees every job."""
+
+    key_id: str | None
+    admin: bool = False
+
+    @property
+    def sees(self) -> Owner:
+        """The ``owner`` argument of job-store reads for this caller."""
+        return ANY_OWNER if self.admin or self.key_id is None else self.key_id
+
+
+def _unauthorized(detail: str) -> ApiProblem:
+    return ApiProblem(401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _matches(key: str, valid: list[str]) -> bool:
+    return any(hmac.compare_digest(key.encode(), other.encode()) for other in valid)
+
+
 def require_api_key(
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key)],
-) -> None:
-    """Require one of ``CPP_API_KEYS`` when any are configured (401 otherwise)."""
-    if not settings.api_keys:
-        return
+) -> Caller:
+    """Require one of ``CPP_API_KEYS`` or ``CPP_ADMIN_KEYS`` when any are configured (401 otherwise).
+
+    Two different credentials in one request are refused, even if one of them is valid.
+    """
+    if not settings.api_keys and not settings.admin_keys:
+        return Caller(None)
     offered = [k for k in (bearer.credentials if bearer else None, api_key) if k]
-    for key in offered:
-        if any(hmac.compare_digest(key.encode(), valid.encode()) for valid in settings.api_keys):
-            return
-    raise ApiProblem(
-        401,
-        "unauthorized",
-        "Unauthorized",
-        "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-        if not offered
-        else "the API key is not valid",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+    if not offered:
+        raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    if len(set(offered)) > 1:
+        raise _unauthorized("the request carries two different API keys; send one")
+    key = offered[0]
+    if _matches(key, settings.admin_keys):
+        return Caller(key_id(key), admin=True)
+    if _matches(key, settings.api_keys):
+        return Caller(key_id(key))
+    raise _unauthorized("the API key is not valid")
+
+
+CallerDep = Annotated[Caller, Depends(require_api_key)]

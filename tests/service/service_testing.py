@@ -21,7 +21,7 @@ from cpp.errors import SourceError
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.progress import RunControl
 from cpp.result import Assignment, Cluster, ClusterResult, Counts, KSelection, RunInfo
-from cpp.sources import IMAGE_EXTENSIONS
+from cpp.sources import IMAGE_EXTENSIONS, Roots
 
 
 class FakePipeline:
@@ -36,6 +36,7 @@ class FakePipeline:
         self.release.set()
         self.started = threading.Event()
         self.calls: list[tuple[SourceSpec, ClusterOptions, Path]] = []
+        self.roots: list[Roots] = []
         self.niceness: list[int] = []
 
     def run_cluster(
@@ -46,21 +47,23 @@ class FakePipeline:
         *,
         control: RunControl | None = None,
         encoder: Any = None,
+        roots: Roots = None,
     ) -> ClusterResult:
         control = control or RunControl()
         work_dir = Path(work_dir)
         self.calls.append((source, options, work_dir))
+        self.roots.append(roots)
         self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         root = Path(source.path)
-        if not root.is_dir():
-            raise SourceError(f"image folder {source.path!r} does not exist")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         stage = control.stage("embed", self.batches)
         self.started.set()
         for _ in range(self.batches):
             while not self.release.wait(0.01):
                 control.check_cancelled()
             stage.advance(1)
+        if not root.is_dir():
+            raise SourceError(f"image folder {source.path!r} does not exist")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         assignments = [
             Assignment(key=p.relative_to(root).as_posix(), path=str(p), cluster=i % 2, confidence=0.9)
             for i, p in enumerate(files)
@@ -108,12 +111,16 @@ class CountingEncoderFactory:
 
 
 def wait_for(
-    client: TestClient, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 10
+    client: TestClient,
+    job_id: str,
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float = 10,
+    headers: dict[str, str] | None = None,
 ) -> dict:
     """Poll GET /v1/jobs/{id} until ``done(job)``; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         if done(job):
             return job
         if time.monotonic() > deadline:
@@ -121,8 +128,14 @@ def wait_for(
         time.sleep(0.02)
 
 
-def wait_status(client: TestClient, job_id: str, *statuses: str, timeout: float = 10) -> dict:
-    return wait_for(client, job_id, lambda job: job["status"] in statuses, timeout)
+def wait_status(
+    client: TestClient,
+    job_id: str,
+    *statuses: str,
+    timeout: float = 10,
+    headers: dict[str, str] | None = None,
+) -> dict:
+    return wait_for(client, job_id, lambda job: job["status"] in statuses, timeout, headers)
 
 
 PROBLEM = "application/problem+json"
