@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from cpp.logging import get_logger
 
@@ -87,6 +89,18 @@ def _json_safe_errors(errors: Any) -> list[dict[str, Any]]:
     return safe
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route takes at this path (Starlette's 405 names only the first matching route's)."""
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.router.routes)
+    ]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Answer HTTP errors, validation errors, :class:`ApiProblem` and unexpected errors with problems."""
 
@@ -99,7 +113,10 @@ def install_problem_handlers(app: FastAPI) -> None:
         title = _PHRASES.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
         problem = Problem(title=title, status=exc.status_code, detail=detail, instance=request.url.path)
-        return problem_response(problem, dict(exc.headers) if exc.headers else None)
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        return problem_response(problem, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
