@@ -7,3 +7,7 @@ class CppError(Exception):
 
 class SourceError(CppError):
     """A source specification cannot be read (missing path, bad pattern, unreadable list)."""
+
+
+class OutputPathError(CppError):
+    """An output path cannot be written: its directory is missing or read-only, or it is the wrong kind."""

@@ -6,8 +6,10 @@
    encoder first, as it stays loaded in a running service.
 3. ``poll``: while a third, identical job runs, ``GET /v1/jobs/{id}`` is sent open-loop at ``--rate``
    requests per second (bounded by ``--max-requests`` and ``--max-seconds``); latency p50/p99/max.
+4. ``queued``: ``--queued`` jobs are submitted at once (one runs, the rest wait), and the status of one
+   queued job is polled the same way for ``--queued-seconds``; then they are all cancelled.
 
-Usage: python scripts/bench_service.py [--images 400] [--rate 200]
+Usage: python scripts/bench_service.py [--images 400] [--rate 200] [--queued 20]
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=150.0)
     parser.add_argument("--repeats", type=int, default=3, help="direct/API run pairs")
     parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument("--queued", type=int, default=20, help="jobs submitted at once for the queued case")
+    parser.add_argument("--queued-seconds", type=float, default=60.0, help="how long the queued case polls")
     args = parser.parse_args()
 
     import torch
@@ -223,6 +227,18 @@ def main() -> None:
             polled_id = client.post("/v1/jobs", json={**body, "options": {**options, "seed": 1}}).json()["id"]
             poll_stats = asyncio.run(poll(port, polled_id, args.rate, args.max_requests, args.max_seconds))
             polled_job = wait_done(client, polled_id)
+            queued_ids = [
+                client.post("/v1/jobs", json={**body, "options": {**options, "seed": 100 + i}}).json()["id"]
+                for i in range(args.queued)
+            ]
+            queued_poll = poll(
+                port, queued_ids[-1], args.rate, args.max_requests, args.queued_seconds, until_done=False
+            )
+            queued_stats = asyncio.run(queued_poll)
+            statuses = [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in queued_ids]
+            queued_stats["statuses_at_end"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+            for job_id in queued_ids:
+                client.post(f"/v1/jobs/{job_id}/cancel")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -242,6 +258,7 @@ def main() -> None:
                 "overhead_pct_of_minima": round(100 * (min(api) / min(direct) - 1), 1),
                 "poll_while_running": poll_stats,
                 "polled_job_s": round(job_seconds(polled_job), 2),
+                "poll_with_queued_jobs": {"queued_jobs": args.queued, **queued_stats},
             },
             indent=1,
         )

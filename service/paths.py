@@ -15,8 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from cpp.options import ClusterOptions, SourceSpec
-from cpp.vocab import BUILTIN_VOCABULARIES, CAPTIONS
+from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS, ClusterOptions, SourceSpec
 from service.problems import ApiProblem
 
 MAX_SHARDS = 100_000

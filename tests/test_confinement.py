@@ -13,7 +13,7 @@ from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.errors import SourceError
 from cpp.options import SourceSpec
-from cpp.sources import OUTSIDE_ROOTS, OutsideRootsError, confine_roots, iter_items, read_failure
+from cpp.sources import OUTSIDE_ROOTS, OutsideRootsError, Roots, confine_roots, iter_items, read_failure
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def layout(tmp_path: Path) -> tuple[Path, Path]:
     return root, outside
 
 
-def _keys_and_reasons(spec: SourceSpec, roots: tuple[Path, ...]) -> dict[str, str | None]:
+def _keys_and_reasons(spec: SourceSpec, roots: Roots) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for item in iter_items(spec, roots):
         try:

@@ -179,8 +179,8 @@ def test_cli_embed_and_cluster_with_the_ray_engine(
     [
         (["--ray-actors", "2"], "--ray-actors need --engine ray"),
         (["--engine", "ray", "--workers", "2"], "with --engine ray use --ray-actors"),
-        (["--engine", "ray", "--ray-actors", "0"], "at least 1"),
-        (["--engine", "local", "--workers", "-1"], "workers must be >= 0"),
+        (["--engine", "ray", "--ray-actors", "0"], "--ray-actors: must be a whole number >= 1"),
+        (["--engine", "local", "--workers", "-1"], "--workers: must be a whole number >= 0"),
     ],
 )
 def test_cli_engine_option_errors(

@@ -10,17 +10,18 @@ from pydantic import ValidationError
 
 from cpp.cli.common import (
     add_engine_arguments,
+    add_option,
     add_source_arguments,
-    clusters_arg,
+    atomic_output,
+    check_output,
     engine_from_args,
+    interrupted,
+    recording_control,
     source_from_args,
 )
-from cpp.demo import make_demo_images
 from cpp.errors import CppError
-from cpp.options import ClusterOptions
-from cpp.pipeline import default_work_dir, run_cluster, runs_dir
+from cpp.options import BUILTIN_VOCABULARIES, ClusterOptions
 from cpp.result import ClusterResult
-from cpp.vocab import BUILTIN_VOCABULARIES
 
 DEMO_MODEL = "effnet-lite0-in1k"
 EXAMPLES = 3
@@ -39,10 +40,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--out", required=True, help="result JSON file to write")
     parser.add_argument("--model", default=None, help="encoder spec (see `cpp encoders`); default: auto")
-    parser.add_argument(
-        "--clusters", type=clusters_arg, default="auto", help="'auto' or the number of clusters"
-    )
-    parser.add_argument("--head", choices=["crate", "mlp"], default="crate", help="clustering head")
+    add_option(parser, ClusterOptions, "clusters", metavar="K")
+    add_option(parser, ClusterOptions, "head", help="clustering head")
     parser.add_argument(
         "--vocabulary",
         nargs="+",
@@ -55,10 +54,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="features, head and caches (default: per source+model under ~/.cache/cpp/runs)",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: automatic)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
-    parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
+    add_option(parser, ClusterOptions, "epochs", help="training epochs", default_text="automatic")
+    add_option(parser, ClusterOptions, "seed", help="random seed")
+    add_option(parser, ClusterOptions, "device")
+    add_option(parser, ClusterOptions, "batch_size")
     add_source_arguments(parser)
     add_engine_arguments(parser)
     parser.add_argument("--demo", action="store_true", help="cluster scikit-image's sample photos (offline)")
@@ -78,9 +77,9 @@ def _options(args: argparse.Namespace, model: str) -> ClusterOptions:
             batch_size=args.batch_size,
             device=args.device,
         )
-    except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CppError(f"invalid options: {problems}") from None
+    except ValidationError as exc:  # what the flags' own checks leave (e.g. too many --vocabulary)
+        problems = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise CppError(problems) from None
 
 
 def format_summary(result: ClusterResult, *, examples: int = EXAMPLES) -> str:
@@ -121,27 +120,46 @@ def format_summary(result: ClusterResult, *, examples: int = EXAMPLES) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.demo:
-        if args.source:
-            raise CppError("--demo uses its own photos: leave out SOURCE")
-        model = args.model or DEMO_MODEL
-        work_dir = Path(args.work_dir) if args.work_dir else runs_dir() / "demo"
-        spec = make_demo_images(work_dir / "demo-images")
-    else:
-        if not args.source:
-            raise CppError("give a SOURCE to cluster (or --demo)")
-        model = args.model or "auto"
-        spec = source_from_args(args)
-        work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(spec, model)
+    if args.demo and args.source:
+        raise CppError("--demo uses its own photos: leave out SOURCE")
+    if not args.demo and not args.source:
+        raise CppError("give a SOURCE to cluster (or --demo)")
+    model = args.model or (DEMO_MODEL if args.demo else "auto")
     options = _options(args, model)
-    result = run_cluster(spec, options, work_dir, engine=engine_from_args(args))
-    out = Path(args.out)
+    # before the slow imports and any work: bad output paths fail at once
+    out = check_output(args.out, "--out", directory=False)
+    if args.work_dir:
+        check_output(args.work_dir, "--work-dir", directory=True)
+    spec = None if args.demo else source_from_args(args)
+    from cpp.pipeline import FEATURES_DIR, HEAD_DIR, HEAD_KEY_FILE, default_work_dir, run_cluster, runs_dir
+
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+    else:
+        work_dir = runs_dir() / "demo" if spec is None else default_work_dir(spec, model)
+        check_output(work_dir, "the default --work-dir", directory=True)
+    if spec is None:
+        from cpp.demo import make_demo_images
+
+        spec = make_demo_images(work_dir / "demo-images")
+    engine = engine_from_args(args)
+    control, progress = recording_control()
+    try:
+        result = run_cluster(spec, options, work_dir, control=control, engine=engine)
+    except KeyboardInterrupt:
+        head = work_dir / HEAD_DIR
+        trained = progress.keys() & {"readout", "name"} and (head / HEAD_KEY_FILE).is_file()
+        raise interrupted(
+            work_dir / FEATURES_DIR, progress, also=f", and the fitted head in {head}" if trained else ""
+        ) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     if result.assignments_file is not None:
         companion = out.with_name(f"{out.stem}.assignments.jsonl")
-        shutil.copyfile(work_dir / result.assignments_file, companion)
+        with atomic_output(companion) as partial:
+            shutil.copyfile(work_dir / result.assignments_file, partial)
         result = result.model_copy(update={"assignments_file": companion.name})
-    out.write_text(result.model_dump_json(indent=1), encoding="utf-8")
+    with atomic_output(out) as partial:
+        partial.write_text(result.model_dump_json(indent=1), encoding="utf-8")
     print(format_summary(result))
     print(f"\nresult: {out}   (work directory: {work_dir})")
     return 0

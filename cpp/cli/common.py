@@ -1,23 +1,176 @@
-"""Options shared by several commands: the SOURCE options, the embedding engine and ``--clusters``."""
+"""What several commands share: flags built from the option models, the SOURCE and engine options, output
+path checks and atomic writes. Nothing here imports torch or the other heavy libraries (see
+:mod:`cpp.cli`)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+import json
+import math
+import os
+import re
+import tempfile
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-from cpp.engines import EmbedEngine, create_engine, list_engines
-from cpp.errors import CppError
-from cpp.options import SourceSpec
-from cpp.sources import infer_source_spec
+import annotated_types
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-MIN_CLUSTERS = 2
+from cpp.errors import CppError, OutputPathError
+from cpp.options import EngineOptions, SourceSpec, SourceType
+
+if TYPE_CHECKING:
+    from cpp.engines import EmbedEngine
+    from cpp.progress import ProgressEvent, RunControl
+
+#: Kernel file systems: never an output location.
+SYSTEM_ROOTS = ("/proc", "/sys")
+
+_Bound = tuple[Any, bool]  # a limit (a number) and whether it is inclusive
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was kept and how to resume; the CLI prints ``interrupted: <message>``."""
+
+
+def _field_kind(field: FieldInfo) -> tuple[tuple[str, ...], type | None, list[Any]]:
+    """The literal words a field accepts, its number type (``None``: words only) and its constraints."""
+    annotation = field.annotation
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    words: tuple[str, ...] = ()
+    number: type | None = None
+    constraints = list(field.metadata)
+    for member in members:
+        if get_origin(member) is Literal:
+            words += get_args(member)
+        elif get_origin(member) is Annotated:
+            number, *extra = get_args(member)
+            for item in extra:
+                constraints.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+        elif member in (int, float):
+            number = member
+        elif member is not type(None):
+            raise TypeError(f"no command-line flag for fields of type {member!r}")
+    return words, number, constraints
+
+
+def _bounds(constraints: list[Any]) -> tuple[_Bound | None, _Bound | None]:
+    lower: _Bound | None = None
+    upper: _Bound | None = None
+    for constraint in constraints:
+        if isinstance(constraint, annotated_types.Ge):
+            lower = (constraint.ge, True)
+        elif isinstance(constraint, annotated_types.Gt):
+            lower = (constraint.gt, False)
+        elif isinstance(constraint, annotated_types.Le):
+            upper = (constraint.le, True)
+        elif isinstance(constraint, annotated_types.Lt):
+            upper = (constraint.lt, False)
+        else:
+            raise TypeError(f"no command-line check for the constraint {constraint!r}")
+    return lower, upper
+
+
+def _range(lower: _Bound | None, upper: _Bound | None) -> str:
+    """``between 1 and 4096``, ``>= 0``, ``> 0 and <= 1``; empty without limits."""
+    if lower is not None and upper is not None and lower[1] and upper[1]:
+        return f"between {lower[0]} and {upper[0]}"
+    parts = []
+    if lower is not None:
+        parts.append(f"{'>=' if lower[1] else '>'} {lower[0]}")
+    if upper is not None:
+        parts.append(f"{'<=' if upper[1] else '<'} {upper[0]}")
+    return " and ".join(parts)
+
+
+def _in_bounds(value: float, lower: _Bound | None, upper: _Bound | None) -> bool:
+    if lower is not None and not (value >= lower[0] if lower[1] else value > lower[0]):
+        return False
+    return upper is None or (value <= upper[0] if upper[1] else value < upper[0])
+
+
+def number_type(
+    number: type, lower: _Bound | None, upper: _Bound | None, words: tuple[str, ...] = ()
+) -> Callable[[str], Any]:
+    """argparse ``type=``: one of ``words`` or a number within the limits, else a one-line error."""
+    expected = " ".join(
+        part
+        for part in (
+            " or ".join(repr(word) for word in words) + (" or" if words else ""),
+            "a whole number" if number is int else "a number",
+            _range(lower, upper),
+        )
+        if part
+    )
+
+    def parse(value: str) -> Any:
+        if value in words:
+            return value
+        try:
+            parsed = number(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {value!r}") from None
+        if not math.isfinite(parsed) or not _in_bounds(parsed, lower, upper):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
+        return parsed
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
+
+
+def _text_type(field: FieldInfo) -> Callable[[str], str]:
+    """argparse ``type=`` of a text field: the value must match the field's patterns, if any."""
+    patterns = [m.pattern for m in field.metadata if getattr(m, "pattern", None)]
+
+    def parse(value: str) -> str:
+        if not all(re.search(pattern, value) for pattern in patterns):
+            raise argparse.ArgumentTypeError(f"must be {field.description}, got {value!r}")
+        return value
+
+    return parse
+
+
+def add_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model: type[BaseModel],
+    name: str,
+    *,
+    help: str | None = None,
+    default_text: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Add ``--NAME`` (``_`` as ``-``) for the field ``name`` of ``model`` with the field's default, its
+    choices or a ``type=`` checking its limits (a text field: its pattern), and a help text showing both:
+    the limits are declared once, in the model."""
+    field = model.model_fields[name]
+    words, number, constraints = ((), None, []) if field.annotation is str else _field_kind(field)
+    lower, upper = _bounds(constraints) if number is not None else (None, None)
+    if field.annotation is str:
+        kwargs["type"] = _text_type(field)
+    elif number is None:
+        kwargs["choices"] = words
+    else:
+        kwargs["type"] = number_type(number, lower, upper, words)
+    default = field.get_default(call_default_factory=True)
+    notes = [f"default: {default if default_text is None else default_text}", _range(lower, upper)]
+    text = help or field.description or ""
+    parser.add_argument(
+        f"--{name.replace('_', '-')}",
+        default=default,
+        help=f"{text} ({'; '.join(note for note in notes if note)})",
+        **kwargs,
+    )
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """``--source-type``, ``--labels-from-folders`` and ``--annotations``."""
     parser.add_argument(
         "--source-type",
-        choices=["folder", "files", "webdataset", "coco"],
+        choices=get_args(SourceType),
         default=None,
         help="source type (default: inferred from SOURCE)",
     )
@@ -31,6 +184,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args: argparse.Namespace) -> SourceSpec:
     """The source that ``args.source`` and the options of :func:`add_source_arguments` describe."""
+    from cpp.sources import infer_source_spec
+
     return infer_source_spec(
         args.source,
         args.source_type,
@@ -41,19 +196,20 @@ def source_from_args(args: argparse.Namespace) -> SourceSpec:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """``--engine``, ``--workers`` (engines on this machine) and the Ray engine's ``--ray-*`` options."""
-    parser.add_argument(
-        "--engine",
-        choices=list_engines(),
-        default="local",
-        help="where images are decoded and encoded: local (default; PIL decoding on this machine's CPUs), "
+    add_option(
+        parser,
+        EngineOptions,
+        "engine",
+        help="where images are decoded and encoded: local (PIL decoding on this machine's CPUs), "
         "device (JPEGs decoded in batches on the encoder's device, e.g. nvJPEG), auto (device when the "
         "encoder runs on CUDA, else local), ray (Ray Data actors here or on a Ray cluster; needs cpp[ray])",
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="decode worker processes on this machine (not with --engine ray; default: by device)",
+    add_option(
+        parser,
+        EngineOptions,
+        "workers",
+        help="decode worker processes on this machine (not with --engine ray)",
+        default_text="by device",
     )
     group = parser.add_argument_group("ray engine (--engine ray)")
     group.add_argument(
@@ -63,32 +219,28 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="Ray cluster to join, e.g. 'auto' or 'ray://head:10001' (default: $RAY_ADDRESS, else Ray "
         "is started on this machine)",
     )
-    group.add_argument(
-        "--ray-actors",
-        type=int,
-        default=None,
-        metavar="N",
-        help="embedding actors (default: one per GPU, or CPU)",
-    )
-    group.add_argument(
-        "--ray-gpus-per-actor",
-        type=float,
-        default=None,
+    add_option(group, EngineOptions, "ray_actors", metavar="N", default_text="one per GPU, or CPU")
+    add_option(
+        group,
+        EngineOptions,
+        "ray_gpus_per_actor",
         metavar="G",
-        help="GPUs per actor (default: 1 when --device resolves to CUDA here, else 0)",
+        default_text="1 when --device resolves to CUDA here, else 0",
     )
-    group.add_argument(
-        "--ray-cpus-per-actor",
-        type=float,
-        default=None,
+    add_option(
+        group,
+        EngineOptions,
+        "ray_cpus_per_actor",
         metavar="C",
-        help="CPUs (decode threads) per actor (default: 1; GPU actors: the cluster's CPUs per GPU, up to 8)",
+        default_text="1; GPU actors: the cluster's CPUs per GPU, up to 8",
     )
 
 
 def engine_from_args(args: argparse.Namespace) -> EmbedEngine:
     """The engine that the options of :func:`add_engine_arguments` ask for; options of another engine are
     an error."""
+    from cpp.engines import create_engine
+
     ray_options = {
         "address": args.ray_address,
         "actors": args.ray_actors,
@@ -104,20 +256,90 @@ def engine_from_args(args: argparse.Namespace) -> EmbedEngine:
     given = [f"--ray-{name.replace('_', '-')}" for name, value in ray_options.items() if value is not None]
     if given:
         raise CppError(f"{', '.join(given)} need --engine ray")
-    try:
-        return create_engine(args.engine, workers=args.workers)
-    except ValueError as exc:  # e.g. a negative --workers
-        raise CppError(f"--engine {args.engine}: {exc}") from exc
+    return create_engine(args.engine, workers=args.workers)
 
 
-def clusters_arg(value: str) -> Literal["auto"] | int:
-    """argparse type of ``--clusters``: ``auto`` or a whole number of at least 2."""
-    if value == "auto":
-        return "auto"
+def check_output(path: str | Path, flag: str, *, directory: bool) -> Path:
+    """``path`` as the output of ``flag``, a directory or a file, refused at once (:class:`OutputPathError`)
+    when it cannot be written: the wrong kind, under /proc or /sys, or in a directory that does not take a
+    new file. Missing parent directories are created later, so the nearest existing one is tried."""
+    target = Path(path)
+    resolved = target.resolve()
+    for root in SYSTEM_ROOTS:
+        if resolved.is_relative_to(root):
+            raise OutputPathError(f"{flag} {path}: {root} is a kernel file system; choose a path on disk")
+    if directory and target.exists() and not target.is_dir():
+        raise OutputPathError(f"{flag} {path} is a file; give a directory")
+    if not directory and target.is_dir():
+        raise OutputPathError(f"{flag} {path} is a directory; give a file path such as {target / 'out.json'}")
+    if not directory and target.exists() and not target.is_file():
+        raise OutputPathError(f"{flag} {path} exists and is not a regular file; give a file path")
+    existing = resolved if directory else resolved.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{flag} {path}: {existing} is not a directory")
+    try:  # a real write: os.access passes read-only mounts for root
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".cpp-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(f"{flag} {path}: cannot write in {existing} ({exc.strerror})") from None
+    return target
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to, synced and renamed onto ``path`` when the block
+    succeeds and removed when it fails, so that ``path`` is never left half written."""
+    partial = path.with_name(f".{path.name}.tmp")
     try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number, got {value!r}") from None
-    if k < MIN_CLUSTERS:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_CLUSTERS}, got {k}")
-    return k
+        yield partial
+        handle = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def recording_control() -> tuple[RunControl, dict[str, ProgressEvent]]:
+    """A run control and the latest progress event of each stage it has seen, by stage name."""
+    from cpp.progress import RunControl
+
+    latest: dict[str, ProgressEvent] = {}
+
+    def record(event: ProgressEvent) -> None:
+        latest[event.stage] = event
+
+    return RunControl(on_progress=record), latest
+
+
+def interrupted(store_dir: Path, progress: dict[str, ProgressEvent], *, also: str = "") -> Interrupted:
+    """Ctrl-C during a run that embeds into ``store_dir``: what is saved there (of the total that the
+    ``embed`` stage reported in ``progress``), ``also`` kept besides, and how to resume."""
+    from cpp.store import RUN_FILE, FeatureStore, StoreWriter
+
+    run_file = store_dir / RUN_FILE
+    if FeatureStore.exists(store_dir):
+        items = FeatureStore.open(store_dir).counts["items"]
+        kept = f"the features of all {items:,} images are saved in {store_dir}"
+    elif run_file.is_file():
+        writer = StoreWriter(store_dir, json.loads(run_file.read_text(encoding="utf-8")))  # lists the saves
+        items = writer.items_done
+        total = progress["embed"].total if "embed" in progress else None
+        if total is None:
+            chunks, counted = f"{len(writer.chunks)} chunks", f"{items:,}"
+        else:
+            chunks = f"{len(writer.chunks)} of {math.ceil(total / writer.chunk_size)} chunks"
+            counted = f"{items:,} of {total:,}"
+        if items > sum(chunk["items"] for chunk in writer.chunks):
+            chunks += " and part of the next"
+        kept = f"{chunks} ({counted} images) are saved in {store_dir}"
+    else:
+        return Interrupted(
+            f"nothing was embedded into {store_dir} yet{also}; rerun the same command to start"
+        )
+    return Interrupted(f"{kept}{also}; rerun the same command to resume")

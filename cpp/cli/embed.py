@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from cpp.cli.common import add_engine_arguments, add_source_arguments, engine_from_args, source_from_args
-from cpp.embed import DTYPES, embed_source
-from cpp.encoders import create_encoder
+from cpp.cli.common import (
+    add_engine_arguments,
+    add_option,
+    add_source_arguments,
+    check_output,
+    engine_from_args,
+    interrupted,
+    recording_control,
+    source_from_args,
+)
 from cpp.errors import CppError
-from cpp.images import DEFAULT_MAX_PIXELS
+from cpp.options import ClusterOptions, EmbedOptions
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,34 +29,43 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("source", help="image folder, file list, shard pattern, or COCO image folder")
     parser.add_argument("--out", required=True, help="feature store directory (resumed when partial)")
     parser.add_argument("--model", default="auto", help="encoder spec (see `cpp encoders`); default: auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    add_option(parser, ClusterOptions, "batch_size")
+    add_option(parser, ClusterOptions, "device")
     add_source_arguments(parser)
     add_engine_arguments(parser)
-    parser.add_argument("--chunk-size", type=int, default=4096, help="items per store chunk")
-    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="stored feature precision")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    add_option(parser, EmbedOptions, "chunk_size")
+    add_option(parser, EmbedOptions, "dtype")
+    add_option(parser, EmbedOptions, "max_pixels")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = check_output(args.out, "--out", directory=True)  # before the slow imports: fails at once
     spec = source_from_args(args)
+    from cpp.embed import embed_source
+    from cpp.encoders import create_encoder
+
     engine = engine_from_args(args)
     try:
         encoder = create_encoder(args.model, device=args.device)
     except ValueError as exc:  # unknown spec or bad argument
         raise CppError(f"--model {args.model!r}: {exc}") from exc
-    store = embed_source(
-        spec,
-        args.out,
-        encoder,
-        batch_size=args.batch_size,
-        engine=engine,
-        chunk_size=args.chunk_size,
-        dtype=args.dtype,
-        max_pixels=args.max_pixels,
-    )
+    control, progress = recording_control()
+    try:
+        store = embed_source(
+            spec,
+            out,
+            encoder,
+            batch_size=args.batch_size,
+            engine=engine,
+            chunk_size=args.chunk_size,
+            dtype=args.dtype,
+            max_pixels=args.max_pixels,
+            control=control,
+        )
+    except KeyboardInterrupt:
+        raise interrupted(out, progress) from None
     summary = {
         "store": str(store.path),
         "encoder": store.encoder_id,

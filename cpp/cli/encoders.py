@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from cpp.encoders import list_encoders
-from cpp.encoders.auto import auto_choice
-from cpp.encoders.open_clip import resolve_weights
-from cpp.encoders.registry import encoder_factory
 from cpp.errors import CppError
 
 
@@ -22,6 +18,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from cpp.encoders import list_encoders
+    from cpp.encoders.auto import auto_choice
+    from cpp.encoders.open_clip import resolve_weights
+    from cpp.encoders.registry import encoder_factory
+
     for name in list_encoders():
         doc = (encoder_factory(name).__doc__ or "").strip().splitlines()
         print(f"{name:<20} {doc[0] if doc else ''}")

@@ -6,6 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cpp.cli.common import number_type
+
+#: TCP ports (0: any free port).
+PORTS = ((0, True), (65535, True))
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +21,12 @@ def register(subparsers: Any) -> None:
         "see docs/service.md.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--port",
+        type=number_type(int, *PORTS),
+        default=8000,
+        help=f"port (default: 8000; between {PORTS[0][0]} and {PORTS[1][0]})",
+    )
     parser.add_argument("--data-dir", type=Path, help="overrides CPP_DATA_DIR")
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -25,21 +35,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cpp.logging import disable_progress_bars
-    from service.app import create_app
+    from service.server import serve
     from service.settings import Settings
 
     disable_progress_bars()
     settings = Settings()
     if args.data_dir is not None:
         settings = settings.model_copy(update={"data_dir": args.data_dir})
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -187,7 +187,8 @@ def test_other_server_paths_are_checked(client: TestClient, image_root: Path) ->
     assert_problem(client.post("/v1/jobs", json=outside), 403, "path-not-allowed")
     listing = image_root / "list.txt"  # its entries are checked by the job as it reads them
     listing.write_text(f"{image_root}/set/a/0.png\n/etc/hostname\n")
-    assert client.post("/v1/jobs", json={"source": {"type": "files", "path": str(listing)}}).status_code == 202
+    files = {"source": {"type": "files", "path": str(listing)}}
+    assert client.post("/v1/jobs", json=files).status_code == 202
     vocab = body(image_root, vocabulary=["cifar10", "/etc/passwd"])
     assert_problem(client.post("/v1/jobs", json=vocab), 403, "path-not-allowed")
     shards = {"source": {"type": "webdataset", "path": "/etc/{000..003}.tar"}}
@@ -196,6 +197,23 @@ def test_other_server_paths_are_checked(client: TestClient, image_root: Path) ->
     assert_problem(client.post("/v1/jobs", json=huge), 422, "bad-source")
     coco = {"source": {"type": "coco", "path": str(image_root), "annotations": ["/etc/passwd"]}}
     assert_problem(client.post("/v1/jobs", json=coco), 403, "path-not-allowed")
+
+
+def test_cheap_checks_happen_at_submission(client: TestClient, image_root: Path) -> None:
+    assert_problem(client.post("/v1/jobs", json=body(image_root, seed=2**31)), 422, "validation")
+    assert_problem(client.post("/v1/jobs", json=body(image_root, vocabulary=[])), 422, "validation")
+    assert_problem(client.post("/v1/jobs", json=body(image_root, vocabulary=[""])), 422, "validation")
+    assert_problem(client.post("/v1/jobs", json=body(image_root, device="gpu")), 422, "validation")
+    long_name = {"source": {"type": "folder", "path": f"{image_root}/{'x' * 256}"}}
+    assert "255 bytes" in assert_problem(client.post("/v1/jobs", json=long_name), 422, "bad-source")["detail"]
+    (image_root / "shards").mkdir()
+    many = {"source": {"type": "webdataset", "path": f"{image_root}/shards/{{00000..99999}}.tar"}}
+    started = time.monotonic()
+    assert client.post("/v1/jobs", json=many).status_code == 202  # 100,000 shards: expanded by the job
+    assert time.monotonic() - started < 2
+    wildcard = {"source": {"type": "webdataset", "path": f"{image_root}/*/x.tar"}}
+    assert_problem(client.post("/v1/jobs", json=wildcard), 422, "bad-source")
+    assert client.post("/v1/jobs", json=body(image_root, seed=2**31 - 1)).status_code == 202
 
 
 def test_model_and_device_policy(client: TestClient, image_root: Path) -> None:
