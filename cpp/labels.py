@@ -2,8 +2,9 @@
 
 Class names go through the encoder's text tower with a prompt ensemble (the templates' embeddings averaged and
 re-normalised by the encoder); captions are embedded as they are. Encoders without a text tower (the offline
-EfficientNet) answer with their classifier rows and can only name their own classes. Results are cached as
-``.npy`` files keyed by a hash of the encoder id, the names and the templates.
+EfficientNet) answer with their classifier rows: their own classes, and the names of vocabularies mapped onto
+them (:func:`cpp.vocab.imagenet_class_map`). Text-tower results are cached as ``.npy`` files keyed by a hash
+of the encoder id, the names and the templates; classifier rows are built each time.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def embed_vocabulary(
     if not len(vocabulary):
         raise ValueError("the vocabulary is empty")
     check_supported(encoder, vocabulary)
+    if not encoder.has_text_tower:  # classifier rows: as cheap to build as to read, and never stale
+        return _embed(encoder, vocabulary, templates, batch_size, stage)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"{cache_key(encoder.id, vocabulary, templates)}.npy"
     if path.is_file():
@@ -88,6 +91,21 @@ def embed_vocabulary(
                 stage.advance(len(vocabulary))
             return cached.astype(np.float32, copy=False)
         log.warning("ignoring label cache %s with shape %s", path, cached.shape)
+    out = _embed(encoder, vocabulary, templates, batch_size, stage)
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(partial, out)
+    os.replace(partial, path)
+    return out
+
+
+def _embed(
+    encoder: Encoder,
+    vocabulary: Vocabulary,
+    templates: Sequence[str],
+    batch_size: int,
+    stage: StageReporter | None,
+) -> np.ndarray:
     out = np.empty((len(vocabulary), encoder.dim), dtype=np.float32)
     flags = np.asarray(vocabulary.templated, dtype=bool)
     with progress_bar(total=len(vocabulary), desc="labels", unit="name") as bar:
@@ -102,8 +120,4 @@ def embed_vocabulary(
                     stage.advance(len(batch))
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     out /= np.maximum(norms, 1e-12)
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(partial, out)
-    os.replace(partial, path)
     return out

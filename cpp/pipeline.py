@@ -35,7 +35,7 @@ from cpp.labels import check_supported, embed_vocabulary
 from cpp.logging import get_logger
 from cpp.metrics import evaluate
 from cpp.naming import NamingConfig, name_clusters
-from cpp.options import ClusterOptions, SourceSpec
+from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS, ClusterOptions, SourceSpec
 from cpp.progress import RunControl
 from cpp.readout import Readout, direct_readout, readout
 from cpp.result import (
@@ -49,13 +49,7 @@ from cpp.result import (
 )
 from cpp.sources import OUTSIDE_ROOTS, Roots, inside_roots, resolved_spec
 from cpp.store import FeatureStore, RowRecord
-from cpp.vocab import (
-    BUILTIN_VOCABULARIES,
-    CAPTIONS,
-    SIMPLE_TEMPLATES,
-    captions_vocabulary,
-    resolve_vocabulary,
-)
+from cpp.vocab import SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
 
 log = get_logger("pipeline")
 

@@ -4,13 +4,19 @@ A vocabulary spec is one of the built-in class lists (``imagenet1k``, ``coco80``
 ``captions`` (the captions found in the source, used as whole descriptions), or the path of a text file with
 one name per line. Several specs combine into one :class:`Vocabulary`; a name listed twice is kept once, with
 the origin of its first listing.
+
+Encoders without a text tower score class names through ImageNet-1k classes: ``imagenet1k`` names are the
+classes themselves, and every name of ``coco80``, ``cifar10`` and ``cifar100`` is mapped to a set of them by
+:func:`imagenet_class_map` (a data file made from WordNet 3.0 by ``scripts/make_vocab_maps.py``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -18,9 +24,12 @@ import numpy as np
 import open_clip
 
 from cpp.errors import CppError
+from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS
 
-BUILTIN_VOCABULARIES = ("imagenet1k", "coco80", "cifar10", "cifar100")
-CAPTIONS = "captions"
+#: The built-ins whose names are mapped to ImageNet-1k classes (for encoders without a text tower).
+IMAGENET_MAPPED = ("coco80", "cifar10", "cifar100")
+#: The data file of those maps, in ``cpp/data``.
+IMAGENET_MAPS_FILE = "imagenet_maps.json"
 DEFAULT_MAX_CAPTIONS = 5000
 
 #: Prompt templates for class names ("{}" is replaced by the name): the seven-template subset that
@@ -98,6 +107,18 @@ def builtin_vocabulary(name: str) -> Vocabulary:
     raise VocabularyError(
         f"unknown built-in vocabulary {name!r}; built-ins are {', '.join(BUILTIN_VOCABULARIES)}"
     )
+
+
+@cache
+def imagenet_class_map() -> dict[str, tuple[int, ...]]:
+    """Each name of :data:`IMAGENET_MAPPED` -> the indices of the ImageNet-1k classes it covers (one or more).
+
+    Read from ``cpp/data/imagenet_maps.json``, which ``scripts/make_vocab_maps.py`` writes from WordNet 3.0 (a
+    name maps to the ImageNet classes under its WordNet sense, or to a reviewed set where WordNet places none;
+    the file records how each was chosen and which sets only stand in for a name ImageNet-1k lacks).
+    """
+    text = resources.files("cpp").joinpath("data", IMAGENET_MAPS_FILE).read_text(encoding="utf-8")
+    return {name: tuple(entry["classes"]) for name, entry in json.loads(text)["names"].items()}
 
 
 def read_vocabulary_file(path: str | Path) -> Vocabulary:

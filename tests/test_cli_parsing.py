@@ -11,7 +11,6 @@ import pytest
 
 from cpp.cli import build_parser, main
 from cpp.options import (
-    BUILTIN_VOCABULARIES,
     MAX_SEED,
     ClusterOptions,
     EmbedOptions,
@@ -138,7 +137,6 @@ def test_option_models_agree_with_the_library() -> None:
     from cpp.fit import FitConfig
     from cpp.heads import HeadConfig
     from cpp.images import DEFAULT_MAX_PIXELS
-    from cpp.vocab import BUILTIN_VOCABULARIES as VOCAB_BUILTINS
 
     for name, field in FitOptions.model_fields.items():
         library = (FitConfig if name in FitConfig.model_fields else HeadConfig).model_fields[name]
@@ -150,6 +148,5 @@ def test_option_models_agree_with_the_library() -> None:
     assert sorted(get_args(EngineOptions.model_fields["engine"].annotation)) == list_engines()
     assert get_args(StoreDtype) == DTYPES
     assert EmbedOptions.model_fields["max_pixels"].default == DEFAULT_MAX_PIXELS
-    assert BUILTIN_VOCABULARIES == VOCAB_BUILTINS
     with pytest.raises(ValueError):
         LocalEngine(workers=-1)  # EngineOptions.workers >= 0

@@ -17,6 +17,8 @@ from cpp.fit import FitConfig, fit_head
 from cpp.heads import HeadConfig
 from cpp.labels import VERBATIM, embed_vocabulary
 from cpp.naming import NamingConfig, NamingMethod, labels_through_head, name_clusters
+from cpp.options import ClusterOptions, SourceSpec
+from cpp.pipeline import run_cluster
 from cpp.vocab import SIMPLE_TEMPLATES, Vocabulary, builtin_vocabulary, captions_vocabulary, combine
 
 DIM = 16
@@ -74,17 +76,42 @@ def test_embed_vocabulary_batches_templates_and_cache(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
-def test_offline_encoder_names_imagenet_only(tmp_path: Path) -> None:
+def test_offline_encoder_names_imagenet_and_the_mapped_builtins(tmp_path: Path) -> None:
     encoder = create_encoder("effnet-lite0-in1k", device="cpu")
-    vocabulary = builtin_vocabulary("imagenet1k")
-    vectors = embed_vocabulary(encoder, vocabulary, cache_dir=tmp_path)
-    assert vectors.shape == (len(vocabulary), encoder.dim)
-    with pytest.raises(UnsupportedVocabulary, match="no text tower"):
-        embed_vocabulary(encoder, builtin_vocabulary("cifar100"), cache_dir=tmp_path)
+    imagenet = builtin_vocabulary("imagenet1k")
+    classes = embed_vocabulary(encoder, imagenet, cache_dir=tmp_path)
+    assert classes.shape == (len(imagenet), encoder.dim)
+    for name in ("coco80", "cifar10", "cifar100"):
+        vocabulary = builtin_vocabulary(name)
+        vectors = embed_vocabulary(encoder, vocabulary, cache_dir=tmp_path)
+        assert vectors.shape == (len(vocabulary), encoder.dim)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    coco = embed_vocabulary(encoder, builtin_vocabulary("coco80"), cache_dir=tmp_path)
+    row = {name: coco[i] for i, name in enumerate(builtin_vocabulary("coco80").names)}
+    by_class = {name: classes[i] for i, name in enumerate(imagenet.names)}
+    np.testing.assert_allclose(row["dining table"], by_class["dining table"], atol=1e-6)  # its own class
+    # a mapped name is the mean direction of its classes' rows
+    cats = np.mean(
+        [by_class[n] for n in ("tabby cat", "tiger cat", "Persian cat", "Siamese cat", "Egyptian Mau")], 0
+    )
+    np.testing.assert_allclose(row["cat"], cats / np.linalg.norm(cats), atol=1e-6)
+    with pytest.raises(UnsupportedVocabulary, match=r"no text tower.*coco80, cifar10, cifar100.*'spaceship'"):
+        embed_vocabulary(encoder, _names("cat", "spaceship"), cache_dir=tmp_path)
     with pytest.raises(
         UnsupportedVocabulary, match="'captions' vocabulary needs an encoder with a text tower"
     ):
         embed_vocabulary(encoder, captions_vocabulary(["a cat"]), cache_dir=tmp_path)
+
+
+def test_offline_encoder_names_photos_from_coco80(photo_dir: Path, tmp_path: Path) -> None:
+    options = ClusterOptions(model="effnet-lite0-in1k", device="cpu", vocabulary=["coco80"])
+    result = run_cluster(SourceSpec(type="folder", path=str(photo_dir)), options, tmp_path / "work")
+    coco = set(builtin_vocabulary("coco80").names)
+    assert result.run.naming["names_by_origin"] == {"coco80": 80}
+    assert all(c.name in coco and {a.name for a in c.alternatives} <= coco for c in result.clusters)
+    assert result.assignments is not None
+    labels = {Path(a.key).stem: a.label for a in result.assignments}
+    assert (labels["chelsea"], labels["coffee"], labels["motorcycle"]) == ("cat", "cup", "motorcycle")
 
 
 def _clustered(

