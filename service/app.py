@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cpp
@@ -17,6 +20,7 @@ from service.metrics import ServiceMetrics
 from service.problems import PROBLEM_JSON, Problem, install_problem_handlers
 from service.settings import Settings
 from service.store import JobStatus, open_store
+from service.uploads import STAGING_DIR, remove_orphans
 from service.worker import EncoderFactory, Pipeline, Worker, library_encoder_factory, library_pipeline
 
 log = get_logger("service")
@@ -26,7 +30,8 @@ _MULTIPART_OVERHEAD = 1024 * 1024
 
 
 class RequestGuard:
-    """Pure ASGI middleware: body-size limits from ``Content-Length`` (413/411) and request metrics."""
+    """Pure ASGI middleware: body-size limits from ``Content-Length`` (413/411), a deadline for each part of
+    the body (408 when ``CPP_BODY_TIMEOUT_S`` passes without one), and request metrics."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -50,10 +55,31 @@ class RequestGuard:
         if rejection is not None:
             await self._reject(rejection, scope, send_wrapper)
         else:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, self._timed(receive), send_wrapper)
         handler = getattr(scope.get("endpoint"), "__name__", "unmatched")
         self.metrics.requests.inc(scope["method"], handler, str(status_code))
         self.metrics.latency.observe(time.perf_counter() - started, scope["method"], handler)
+
+    def _timed(self, receive: Receive) -> Receive:
+        """``receive`` that gives up on a body part after ``body_timeout_s`` (then waits as usual, e.g. for
+        the client to disconnect, once the body is complete)."""
+        timeout = self.settings.body_timeout_s
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
+                raise StarletteHTTPException(
+                    408, f"no part of the request body arrived for {timeout:g} s (CPP_BODY_TIMEOUT_S)"
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return timed_receive
 
     def _check_body(self, scope: Scope) -> Problem | None:
         headers = dict(scope["headers"])
@@ -89,6 +115,35 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
 
+def _document_this_server(app: FastAPI, settings: Settings) -> None:
+    """Make the OpenAPI schema say what this server accepts: its devices, its upload file count and, on a
+    service without keys, no security schemes and no 401 answers."""
+    build = app.openapi
+    keyless = not settings.api_keys and not settings.admin_keys
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.get("components", {})
+            device = (
+                components.get("schemas", {}).get("ClusterOptions", {}).get("properties", {}).get("device")
+            )
+            if device is not None:
+                device.pop("pattern", None)
+                device["enum"] = list(dict.fromkeys(["auto", *settings.devices]))
+            upload = schema["paths"][UPLOAD_PATH]["post"]["requestBody"]["content"]["multipart/form-data"]
+            upload["schema"]["properties"]["files"].update(minItems=1, maxItems=settings.max_upload_files)
+            if keyless:
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+                        operation.get("responses", {}).pop("401", None)
+                components.pop("securitySchemes", None)
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -116,6 +171,16 @@ def create_app(
             resumed = store.requeue_running()
             if resumed:
                 log.info("re-queued %d job(s) that were running when the service stopped", resumed)
+        removed = remove_orphans(
+            settings.data_dir / STAGING_DIR,
+            settings.jobs_dir,
+            lambda job_id: store.get(job_id) is not None,
+            # A shared store: another process may have moved an upload into place and not yet added
+            # its row; the folder's mtime is fresh then (StagedUpload.publish).
+            0.0 if store.single_process else settings.lease_s,
+        )
+        if removed:
+            log.info("removed %d folder(s) left by killed uploads or deleted jobs", len(removed))
         services = Services(settings, store, pipeline or library_pipeline(), metrics)
 
         def finished(status: JobStatus, seconds: float) -> None:
@@ -131,6 +196,7 @@ def create_app(
                     device,
                     pipeline=services.pipeline,
                     encoder_factory=factory,
+                    allowed_roots=settings.allowed_roots,
                     poll_interval_s=settings.poll_interval_s,
                     lease_s=settings.lease_s,
                     nice=settings.worker_nice,
@@ -156,6 +222,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    _document_this_server(app, settings)
     app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(jobs.router)

@@ -32,7 +32,12 @@ class Settings(BaseSettings):
         description="Folders whose contents jobs may read by server-side path; empty: no server paths.",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Accepted API keys; empty: no authentication."
+        default_factory=list,
+        description="Accepted API keys; each key sees only the jobs it created. Empty (and no admin keys): "
+        "no authentication.",
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys that also see and manage every key's jobs."
     )
     model: str = Field(default="auto", description="Encoder spec used when a job asks for 'auto'.")
     allowed_models: Annotated[list[str], NoDecode] = Field(
@@ -62,8 +67,14 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="A running job without a heartbeat this long is taken over."
     )
     delete_wait_s: float = Field(default=30.0, ge=0, description="How long DELETE waits for a job to stop.")
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=4096, description="Largest request line plus headers (larger: 400, closed)."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest wait for the next part of a request body (then 408)."
+    )
 
-    @field_validator("allowed_roots", "api_keys", "allowed_models", "devices", mode="before")
+    @field_validator("allowed_roots", "api_keys", "admin_keys", "allowed_models", "devices", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)

@@ -88,16 +88,20 @@ def _matches(key: str, valid: list[str]) -> bool:
 
 
 def require_api_key(
+    request: Request,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key)],
 ) -> Caller:
     """Require one of ``CPP_API_KEYS`` or ``CPP_ADMIN_KEYS`` when any are configured (401 otherwise).
 
-    Two different credentials in one request are refused, even if one of them is valid.
+    Two different credentials in one request are refused, even if one of them is valid, and so is an
+    ``Authorization`` header that is not ``Bearer <key>``.
     """
     if not settings.api_keys and not settings.admin_keys:
         return Caller(None)
+    if bearer is None and "authorization" in request.headers:
+        raise _unauthorized("the Authorization header must be 'Bearer <key>'")
     offered = [k for k in (bearer.credentials if bearer else None, api_key) if k]
     if not offered:
         raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")

@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,200 @@ def test_oversized_body_is_refused_before_reading(client: TestClient) -> None:
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
     assert_problem(response, 413, "upload-too-large")
+
+
+BOUNDARY = "test-boundary-7d2c"
+
+
+def multipart_body(parts: Sequence[tuple[str, str | None, bytes]], close: bool = True) -> bytes:
+    """A multipart/form-data body of ``(field, filename or None, data)`` parts, with or without the
+    closing boundary."""
+    body = bytearray()
+    for field, filename, data in parts:
+        disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    if close:
+        body += f"--{BOUNDARY}--\r\n".encode()
+    return bytes(body)
+
+
+def post_body(client: TestClient, body: bytes, **headers: str) -> Any:
+    return client.post(
+        "/v1/jobs/upload",
+        content=body,
+        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}", **headers},
+    )
+
+
+def assert_nothing_saved(settings: Settings) -> None:
+    assert list(settings.jobs_dir.iterdir()) == []
+    assert list((settings.data_dir / "uploads-tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("files", "kind", "named"),
+    [
+        ([("a" * 296 + ".png", png())], "bad-file-name", "300 characters"),
+        ([("é" * 126 + ".png", png())], "bad-file-name", "256 bytes"),
+        ([("x.zip", zipped({"a" * 296 + ".png": png()}))], "bad-file-name", "300 characters"),
+        ([("x.zip", zipped({"/".join(["d" * 250] * 5) + "/a.png": png()}))], "bad-file-name", "1260 bytes"),
+        (
+            [("x.zip", zipped({"x.png": png(), "x.png/y.png": png()}))],
+            "duplicate-file",
+            "'x.png/y.png' needs a folder 'x.png', which is also a file",
+        ),
+        (
+            [("x.zip", zipped({"x.png/y.png": png(), "x.png": png()}))],
+            "duplicate-file",
+            "'x.png' is a file and also the folder of 'x.png/y.png'",
+        ),
+        (
+            [("x.png", png()), ("x.zip", zipped({"x.png/y.png": png()}))],
+            "duplicate-file",
+            "'x.png/y.png' needs a folder 'x.png'",
+        ),
+        (
+            [("x.zip", zipped({"a/b.png": png()})), ("y.zip", zipped({"a/b.png": png()}))],
+            "duplicate-file",
+            "twice",
+        ),
+    ],
+)
+def test_names_the_file_system_cannot_hold_are_refused(
+    client: TestClient, settings: Settings, files: list, kind: str, named: str
+) -> None:
+    problem = assert_problem(upload(client, files), 422, kind)
+    assert named in problem["detail"]
+    assert_nothing_saved(settings)
+
+
+def test_longest_names_are_accepted(client: TestClient) -> None:
+    name = "é" * 125 + "a.png"  # 255 bytes in UTF-8
+    folders = "/".join(["d" * 250] * 3)
+    response = upload(client, [(name, png()), ("x.zip", zipped({f"{folders}/{name[:-5]}b.png": png()}))])
+    assert response.status_code == 202, response.text
+    keys = {a["key"] for a in wait_assignments(client, response.json()["id"])}
+    assert keys == {name, f"{folders}/{name[:-5]}b.png"}
+
+
+def wait_assignments(client: TestClient, job_id: str) -> list[dict[str, Any]]:
+    wait_status(client, job_id, "succeeded")
+    items: list[dict[str, Any]] = client.get(f"/v1/jobs/{job_id}/assignments").json()["items"]
+    return items
+
+
+def test_file_system_refusals_become_problems(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.uploads.MAX_NAME_BYTES", 10_000)  # let the file system refuse instead
+    problem = assert_problem(upload(client, [("b" * 300 + ".png", png())]), 422, "bad-file-name")
+    assert "File name too long" in problem["detail"] and "'bbbb" in problem["detail"]
+    problem = assert_problem(
+        upload(client, [("x.zip", zipped({"c" * 300 + ".png": png()}))]), 422, "bad-file-name"
+    )
+    assert problem["detail"].startswith("x.zip: ")
+    assert_nothing_saved(settings)
+
+
+def test_truncated_multipart_bodies_are_refused(client: TestClient, settings: Settings) -> None:
+    parts = [("files", f"{i}.png", png(color=(i, 0, 0))) for i in range(8)]
+    body = multipart_body(parts)
+    cut = body.index(b'filename="3.png"') + 200  # inside the 4th part's data
+    for truncated in (body[:cut], multipart_body(parts, close=False)):
+        problem = assert_problem(post_body(client, truncated), 400, "bad-multipart")
+        assert "cut off" in problem["detail"]
+        assert_nothing_saved(settings)
+    assert post_body(client, body).status_code == 202
+
+
+def test_bodies_must_match_their_content_length(client: TestClient, settings: Settings) -> None:
+    body = multipart_body([("files", "a.png", png())])
+    problem = assert_problem(
+        post_body(client, body, **{"content-length": str(len(body) + 10)}), 400, "bad-multipart"
+    )
+    assert f"announced {len(body) + 10}" in problem["detail"]
+    problem = assert_problem(
+        post_body(client, body, **{"content-length": str(len(body) - 10)}), 400, "bad-multipart"
+    )
+    assert "longer than its Content-Length" in problem["detail"]
+    assert_nothing_saved(settings)
+
+
+@pytest.mark.parametrize(
+    ("parts", "status", "kind", "detail"),
+    [
+        (
+            [("files", "a.png", png()), ("colour", None, b"red")],
+            422,
+            "validation",
+            "unknown form field 'colour'",
+        ),
+        (
+            [("files", "a.png", png()), ("options", None, b"{}"), ("options", None, b"{}")],
+            422,
+            "validation",
+            "twice",
+        ),
+        ([("files", None, png())], 422, "bad-upload", "needs a filename"),
+        (
+            [("files", "a.png", png()), ("options", None, b" " * 1_100_000)],
+            413,
+            "upload-too-large",
+            "CPP_MAX_JSON_BYTES",
+        ),
+    ],
+)
+def test_bad_form_fields(
+    client: TestClient, settings: Settings, parts: list, status: int, kind: str, detail: str
+) -> None:
+    problem = assert_problem(post_body(client, multipart_body(parts)), status, kind)
+    assert detail in problem["detail"]
+    assert_nothing_saved(settings)
+
+
+def test_malformed_multipart_headers(client: TestClient) -> None:
+    no_boundary = client.post(
+        "/v1/jobs/upload", content=b"x", headers={"content-type": "multipart/form-data"}
+    )
+    assert "no boundary" in assert_problem(no_boundary, 400, "bad-multipart")["detail"]
+    no_disposition = f"--{BOUNDARY}\r\nContent-Type: image/png\r\n\r\nxx\r\n--{BOUNDARY}--\r\n".encode()
+    assert (
+        "no Content-Disposition"
+        in assert_problem(post_body(client, no_disposition), 400, "bad-multipart")["detail"]
+    )
+    garbage = f"--{BOUNDARY}\r\nno colon here\r\n\r\n".encode()
+    assert_problem(post_body(client, garbage), 400, "bad-multipart")
+
+
+def test_options_may_be_sent_as_a_file(client: TestClient) -> None:
+    body = multipart_body([("options", "options.json", b'{"seed": 9}'), ("files", "a.png", png())])
+    response = post_body(client, body)
+    assert response.status_code == 202, response.text
+    assert response.json()["options"]["seed"] == 9
+
+
+def test_reused_idempotency_key_leaves_no_folder(client: TestClient, settings: Settings) -> None:
+    headers = {"Idempotency-Key": "up-2"}
+    first = client.post("/v1/jobs/upload", files=[("files", ("a.png", png()))], headers=headers)
+    other = client.post("/v1/jobs/upload", files=[("files", ("b.png", png()))], headers=headers)
+    assert_problem(other, 422, "idempotency-key-reused")
+    assert [p.name for p in settings.jobs_dir.iterdir()] == [first.json()["id"]]
+
+
+def broken_zips() -> dict[str, bytes]:
+    """Zips that zipfile cannot read, each failing in a different way."""
+    bad_name = zipped({"é.png": png()}).replace("é".encode(), b"\xff\xfe")  # UTF-8 flag, not UTF-8
+    deflated = bytearray(zipped({"a.png": png()}))
+    deflated[30 + len("a.png")] = 0xFF  # first deflate block: reserved block type
+    deflate64 = bytearray(zipped({"a.png": png()}))
+    deflate64[8:10] = struct.pack("<H", 9)  # local header: compression method 9
+    central = deflate64.find(b"PK\x01\x02")
+    deflate64[central + 10 : central + 12] = struct.pack("<H", 9)
+    return {"name": bad_name, "deflate": bytes(deflated), "deflate64": bytes(deflate64)}
+
+
+@pytest.mark.parametrize("broken", ["name", "deflate", "deflate64"])
+def test_unreadable_zips_are_refused(client: TestClient, settings: Settings, broken: str) -> None:
+    problem = assert_problem(upload(client, [("x.zip", broken_zips()[broken])]), 422, "bad-archive")
+    assert problem["detail"].startswith("x.zip")
+    assert_nothing_saved(settings)

@@ -12,18 +12,32 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.convertors import Convertor, register_url_convertor
 
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.result import ClusterResult
-from service.api.deps import Services, ServicesDep, SettingsDep, StoreDep
+from service.api.deps import Caller, CallerDep, Services, ServicesDep, SettingsDep, StoreDep
 from service.api.schemas import AssignmentPage, Job, JobPage, JobRequest
 from service.paths import check_request_paths
 from service.problems import ApiProblem, problem_responses
 from service.store import IdempotencyConflict, JobRecord, JobStatus, JobStore
-from service.uploads import UploadLimits, UploadPart, save_upload
+from service.upload_form import read_upload_form
+from service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
 
+
+class JobIdConvertor(Convertor[str]):
+    """Routes match only well-formed job ids, so ``/v1/jobs/upload`` is never taken for a job."""
+
+    regex = "[0-9a-f]{32}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", JobIdConvertor())
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobId = Annotated[
@@ -46,6 +60,7 @@ _UPLOAD_BODY: dict[str, Any] = {
             "schema": {
                 "type": "object",
                 "required": ["files"],
+                "additionalProperties": False,
                 "properties": {
                     "files": {
                         "type": "array",
@@ -74,8 +89,9 @@ _REPLAY_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _job_or_404(store: JobStore, job_id: str) -> JobRecord:
-    job = store.get(job_id)
+def _job_or_404(store: JobStore, job_id: str, caller: Caller) -> JobRecord:
+    """The job, if the caller may see it (other keys' jobs are 404, as if they did not exist)."""
+    job = store.get(job_id, caller.sees)
     if job is None:
         raise ApiProblem(404, "not-found", "Job not found", f"no job with id {job_id}")
     return job
@@ -117,6 +133,7 @@ def _submit(
     options: ClusterOptions,
     request_hash: str,
     idempotency_key: str | None,
+    caller: Caller,
 ) -> tuple[Job, bool]:
     try:
         record, created = services.store.create(
@@ -126,6 +143,7 @@ def _submit(
             device=options.device,
             request_hash=request_hash,
             idempotency_key=idempotency_key,
+            owner=caller.key_id,
         )
     except IdempotencyConflict:
         raise ApiProblem(
@@ -149,7 +167,11 @@ def _submit(
     responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 411, 413, 422),
 )
 def create_job(
-    body: JobRequest, services: ServicesDep, response: Response, idempotency_key: IdempotencyKey = None
+    body: JobRequest,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> Job:
     """Queue a clustering job over a server-side source under `CPP_ALLOWED_ROOTS`."""
     options = _effective_options(services, body.options)
@@ -162,6 +184,7 @@ def create_job(
         options=options,
         request_hash=_request_hash(body.source, options),
         idempotency_key=idempotency_key,
+        caller=caller,
     )
     return job
 
@@ -179,87 +202,88 @@ def _form_bool(value: Any, field: str) -> bool:
     )
 
 
+def _upload_options(raw: str | None) -> ClusterOptions:
+    try:
+        return ClusterOptions.model_validate_json(raw or "{}")
+    except ValidationError as exc:
+        raise ApiProblem(
+            422,
+            "validation",
+            "Request is not valid",
+            "form field 'options' is not valid ClusterOptions JSON",
+            errors=[
+                {"loc": ["options", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+            ],
+        ) from exc
+
+
 @router.post(
     "/upload",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Submit a job over uploaded images",
     response_description="The queued job (200 with the existing job for a repeated Idempotency-Key).",
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 411, 413, 422),
+    responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 411, 413, 422, 507),
 )
 async def upload_job(
-    request: Request, services: ServicesDep, response: Response, idempotency_key: IdempotencyKey = None
+    request: Request,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> Job:
     """Upload images and/or zip archives of images (multipart field `files`) and queue a job over them."""
     settings = services.settings
+    limits = UploadLimits(
+        settings.max_upload_bytes,
+        settings.max_upload_files,
+        settings.max_image_pixels,
+        settings.max_zip_ratio,
+    )
+    job_id = uuid.uuid4().hex
+    job_dir = settings.jobs_dir / job_id
+    # Written into a locked staging folder, moved into place only when complete: a process killed
+    # midway leaves a folder that the next start-up removes (service.uploads.remove_orphans).
+    staged = await run_in_threadpool(StagedUpload, settings.data_dir / STAGING_DIR, job_id)
+    writer = UploadWriter(staged.folder, limits)
     try:
-        form = await request.form(
-            max_files=settings.max_upload_files, max_fields=8, max_part_size=settings.max_json_bytes
-        )
-    except StarletteHTTPException as exc:  # Starlette's multipart limits and parse errors
-        detail = str(exc.detail)
-        if detail.startswith("Too many files"):
-            raise ApiProblem(
-                413, "upload-too-large", "Upload too large", f"{detail} (CPP_MAX_UPLOAD_FILES)"
-            ) from exc
-        raise ApiProblem(400, "bad-multipart", "Malformed multipart body", detail) from exc
-    try:
-        raw_options = form.get("options")
-        if isinstance(raw_options, UploadFile):
-            raw_options = (await raw_options.read()).decode("utf-8", errors="replace")
         try:
-            options = ClusterOptions.model_validate_json(raw_options or "{}")
-        except ValidationError as exc:
-            raise ApiProblem(
-                422,
-                "validation",
-                "Request is not valid",
-                "form field 'options' is not valid ClusterOptions JSON",
-                errors=[
-                    {"loc": ["options", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-                ],
-            ) from exc
-        options = _effective_options(services, options)
-        labels = _form_bool(form.get("labels_from_folders"), "labels_from_folders")
-        parts = [
-            UploadPart(item.filename or "", item.file)
-            for item in form.getlist("files")
-            if isinstance(item, UploadFile)
-        ]
-        if not parts:
+            fields = await read_upload_form(
+                request, writer, max_field_bytes=settings.max_json_bytes, max_files=settings.max_upload_files
+            )
+        finally:
+            writer.close()
+        options = _effective_options(services, _upload_options(fields.get("options")))
+        labels = _form_bool(fields.get("labels_from_folders"), "labels_from_folders")
+        if writer.parts == 0:
             raise ApiProblem(
                 422, "bad-upload", "No files", "send images or zip archives in the form field 'files'"
             )
-        job_id = uuid.uuid4().hex
-        job_dir = settings.jobs_dir / job_id
-        limits = UploadLimits(
-            settings.max_upload_bytes,
-            settings.max_upload_files,
-            settings.max_image_pixels,
-            settings.max_zip_ratio,
-        )
         salt = json.dumps(
             {"options": options.model_dump(mode="json"), "labels": labels}, sort_keys=True
         ).encode()
-        try:
-            _, digest = await run_in_threadpool(save_upload, parts, job_dir / "upload", limits, salt)
-        except BaseException:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            raise
-    finally:
-        await form.close()
+        _, digest = writer.finish(salt)
+        await run_in_threadpool(staged.publish, job_dir)
+    except BaseException:
+        staged.discard()
+        raise
     source = SourceSpec(type="folder", path=str((job_dir / "upload").resolve()), labels_from_folders=labels)
-    job, created = await run_in_threadpool(
-        lambda: _submit(
-            services,
-            response,
-            job_id=job_id,
-            source=source,
-            options=options,
-            request_hash=digest,
-            idempotency_key=idempotency_key,
+    try:
+        job, created = await run_in_threadpool(
+            lambda: _submit(
+                services,
+                response,
+                job_id=job_id,
+                source=source,
+                options=options,
+                request_hash=digest,
+                idempotency_key=idempotency_key,
+                caller=caller,
+            )
         )
-    )
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
     if not created:
         shutil.rmtree(job_dir, ignore_errors=True)
     return job
@@ -268,21 +292,22 @@ async def upload_job(
 @router.get("", summary="List jobs", responses=problem_responses(401, 422))
 def list_jobs(
     store: StoreDep,
+    caller: CallerDep,
     status_filter: Annotated[
         JobStatus | None, Query(alias="status", description="Only jobs in this state")
     ] = None,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobPage:
-    """Jobs, newest first."""
-    jobs, total = store.list_jobs(status=status_filter, offset=offset, limit=limit)
+    """The caller's jobs (an admin key: every job), newest first."""
+    jobs, total = store.list_jobs(status=status_filter, offset=offset, limit=limit, owner=caller.sees)
     return JobPage(items=[Job.from_record(j) for j in jobs], total=total, offset=offset, limit=limit)
 
 
-@router.get("/{job_id}", summary="Get a job", responses=problem_responses(401, 404, 422))
-def get_job(job_id: JobId, store: StoreDep) -> Job:
+@router.get("/{job_id:job_id}", summary="Get a job", responses=problem_responses(401, 404, 422))
+def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> Job:
     """Status, progress (stage, done, total, rate, ETA) and, for failed jobs, the error problem."""
-    return Job.from_record(_job_or_404(store, job_id))
+    return Job.from_record(_job_or_404(store, job_id, caller))
 
 
 def _require_succeeded(job: JobRecord) -> None:
@@ -299,14 +324,14 @@ def _require_succeeded(job: JobRecord) -> None:
 
 
 @router.get(
-    "/{job_id}/result",
+    "/{job_id:job_id}/result",
     summary="Get a job's result",
     response_model=ClusterResult,
     responses=problem_responses(401, 404, 409, 422),
 )
-def get_result(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
+def get_result(job_id: JobId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> Response:
     """The `ClusterResult` (as `cpp cluster` writes it); 409 until the job has succeeded."""
-    job = _job_or_404(store, job_id)
+    job = _job_or_404(store, job_id, caller)
     _require_succeeded(job)
     path = settings.jobs_dir / job_id / "result.json"
     try:
@@ -319,18 +344,19 @@ def get_result(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Respons
 
 
 @router.get(
-    "/{job_id}/assignments",
+    "/{job_id:job_id}/assignments",
     summary="Page through a job's per-image assignments",
     responses=problem_responses(401, 404, 409, 422),
 )
 def get_assignments(
     job_id: JobId,
     services: ServicesDep,
+    caller: CallerDep,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AssignmentPage:
     """Assignments in result order; 409 until the job has succeeded."""
-    job = _job_or_404(services.store, job_id)
+    job = _job_or_404(services.store, job_id, caller)
     _require_succeeded(job)
     items, total = services.pipeline.read_assignments(
         services.settings.jobs_dir / job_id, offset=offset, limit=limit
@@ -339,14 +365,14 @@ def get_assignments(
 
 
 @router.post(
-    "/{job_id}/cancel",
+    "/{job_id:job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel a job",
     responses=problem_responses(401, 404, 409, 422),
 )
-def cancel_job(job_id: JobId, services: ServicesDep) -> Job:
+def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Job:
     """A queued job is cancelled at once; a running one stops after its current batch."""
-    job = services.store.request_cancel(job_id)
+    job = services.store.request_cancel(job_id, caller.sees)
     if job is None:
         raise ApiProblem(404, "not-found", "Job not found", f"no job with id {job_id}")
     if job.status in (JobStatus.succeeded, JobStatus.failed):
@@ -363,15 +389,15 @@ def cancel_job(job_id: JobId, services: ServicesDep) -> Job:
 
 
 @router.delete(
-    "/{job_id}",
+    "/{job_id:job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a job and its files",
     responses=problem_responses(401, 404, 422),
 )
-def delete_job(job_id: JobId, services: ServicesDep) -> Response:
+def delete_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Response:
     """Running jobs are cancelled first (waiting up to CPP_DELETE_WAIT_S for the current batch)."""
     store = services.store
-    job = _job_or_404(store, job_id)
+    job = _job_or_404(store, job_id, caller)
     if job.status is JobStatus.running:
         store.request_cancel(job_id)
         services.cancel_running(job_id)
