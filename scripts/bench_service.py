@@ -20,9 +20,7 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -31,6 +29,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from loopback import free_port, start_server
 
 DATASET = Path("/work/shared/datasets/cifar10/test")
 MODEL = "effnet-lite0-in1k"
@@ -44,44 +43,14 @@ def write_list(root: Path, count: int, path: Path) -> None:
     path.write_text("".join(f"{f}\n" for f in files))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(data_dir: Path, roots: list[Path], port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
+def start_job_server(data_dir: Path, roots: list[Path], port: int, log: Path) -> subprocess.Popen[bytes]:
+    settings = {
         "CPP_DATA_DIR": str(data_dir),
         "CPP_ALLOWED_ROOTS": ",".join(map(str, roots)),
         "CPP_MODEL": MODEL,
         "CPP_DEVICES": "cpu",
-        "HF_HUB_OFFLINE": "1",
     }
-    command = [
-        sys.executable,
-        "-c",
-        "import sys; from cpp.cli import main; sys.exit(main())",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not start; see {log}")
+    return start_server(settings, port, log)
 
 
 def wait_done(client: httpx.Client, job_id: str, interval: float = 0.5) -> dict[str, Any]:
@@ -200,7 +169,7 @@ def main() -> None:
     options = {"model": MODEL, "clusters": 10, "seed": 0, "device": "cpu"}
 
     port = free_port()
-    server = start_server(work / "data", [work, args.dataset.resolve()], port, work / "server.log")
+    server = start_job_server(work / "data", [work, args.dataset.resolve()], port, work / "server.log")
     encoder = create_encoder(MODEL, device="cpu")
     direct: list[float] = []
     api: list[float] = []

@@ -20,9 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,16 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from loopback import free_port, start_server
 from PIL import Image
 
 MiB = 1024 * 1024
 BOUNDARY = "bench-uploads-boundary-5b1f"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def noise_pngs(part_kb: int, count: int = 4) -> list[bytes]:
@@ -139,42 +131,14 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
-def start_server(data_dir: Path, port: int, max_bytes: int, max_files: int, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
+def start_upload_server(data_dir: Path, port: int, max_bytes: int, max_files: int, log: Path) -> Any:
+    settings = {
         "CPP_DATA_DIR": str(data_dir),
         "CPP_RUN_WORKERS": "false",
         "CPP_MAX_UPLOAD_BYTES": str(max_bytes),
         "CPP_MAX_UPLOAD_FILES": str(max_files),
-        "HF_HUB_OFFLINE": "1",
     }
-    command = [
-        sys.executable,
-        "-c",
-        "import sys; from cpp.cli import main; sys.exit(main())",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not start; see {log}:\n{log.read_text()[-2000:]}")
+    return start_server(settings, port, log)
 
 
 def main() -> None:
@@ -200,7 +164,7 @@ def main() -> None:
                 bodies.append(zip_body(images, total, folder))
         port = free_port()
         max_bytes = total + 16 * MiB
-        server = start_server(work / "data", port, max_bytes, bodies[0][1] + 1, work / "server.log")
+        server = start_upload_server(work / "data", port, max_bytes, bodies[0][1] + 1, work / "server.log")
         try:
             baseline = proc_status(server.pid)
             peak_rss = baseline["VmRSS"]
