@@ -2,8 +2,14 @@
 
 The source is split into *units* (up to ``batch_size`` consecutive items that never cross a chunk boundary);
 an engine (:mod:`cpp.engines`) decodes and encodes them and returns them in order, and each complete chunk is
-written as it fills. Because units are aligned to chunks, a run resumed after its last complete chunk forms
-exactly the batches of an uninterrupted run, whichever engine runs it.
+written as it fills. In between, the units encoded since the last write are saved as a part of the chunk
+every ``save_every_s`` seconds and when the run is cancelled, so a killed run loses at most those seconds and
+the unit in flight, and a cancelled one nothing. Parts end at unit boundaries, so with the same batch size a
+resumed run forms exactly the batches of an uninterrupted run, whichever engine runs it.
+
+A store is reused when its encoder and source match; a source that differs only in where ground truth and
+captions come from (``labels_from_folders``, COCO ``annotations``) reuses the features of the same images and
+rewrites their labels and captions (:data:`cpp.store.LABEL_FIELDS`).
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ from cpp.engines import EmbedEngine, EncodedUnit, LocalEngine
 from cpp.images import DEFAULT_MAX_PIXELS
 from cpp.logging import get_logger, progress_bar
 from cpp.options import SourceSpec
-from cpp.progress import RunControl
+from cpp.progress import Cancelled, RunControl
 from cpp.sources import Item, Roots, SourceItems, resolved_spec
 from cpp.store import FeatureStore, StoreWriter, check_complete_store
 
 _log = get_logger(__name__)
 
 DTYPES = ("float16", "float32")
+#: Seconds between saves of the units encoded into a chunk that is not complete yet (a save of 64 rows of 512
+#: float16 took 2.8 ms, fsync included, on a local disk: about 0.1 % of the time at this interval).
+SAVE_EVERY_S = 2.0
 
 
 def plan_units(start: int, total: int, chunk_size: int, batch_size: int) -> list[tuple[int, int]]:
@@ -65,15 +74,18 @@ def embed_source(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     control: RunControl | None = None,
     roots: Roots = None,
+    save_every_s: float = SAVE_EVERY_S,
 ) -> FeatureStore:
     """Embed every image of ``source`` with ``encoder`` into a feature store at ``out_dir``.
 
-    A complete store of the same encoder and source is returned at once; a partial one is resumed after
-    its last complete chunk (with its original chunk size, dtype and max_pixels). Unusable files are
-    skipped and listed with the reason. Raises :class:`~cpp.progress.Cancelled` between batches when
-    ``control`` is cancelled; the chunks written so far are kept for resuming. ``engine`` decodes and
-    encodes (default: :class:`~cpp.engines.LocalEngine` with ``workers`` decode processes). With ``roots``,
-    only files inside them are read (:mod:`cpp.sources`).
+    A complete store of the same encoder and source is returned at once (its labels and captions updated
+    when only those changed); a partial one is resumed after what it saved (with its original chunk size,
+    dtype and max_pixels). Unusable files are skipped and listed with the reason. Raises
+    :class:`~cpp.progress.Cancelled` between batches when ``control`` is cancelled, after saving every
+    item encoded so far for resuming. Items of an unfinished chunk are saved every ``save_every_s`` seconds
+    (0: after every batch). ``engine`` decodes and encodes (default: :class:`~cpp.engines.LocalEngine`
+    with ``workers`` decode processes). With ``roots``, only files inside them are read
+    (:mod:`cpp.sources`).
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
@@ -84,7 +96,7 @@ def embed_source(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     started = time.perf_counter()
     identity = store_identity(source, encoder)
-    existing = check_complete_store(out_dir, identity)
+    existing = check_complete_store(out_dir, identity, items=lambda: SourceItems.of(source, roots=roots))
     if existing is not None:
         _log.info("using the existing feature store %s (%d rows)", existing.path, len(existing))
         return existing
@@ -92,12 +104,18 @@ def embed_source(
     items = SourceItems.of(source, roots=roots)
     listed = time.perf_counter()
     settings = {"chunk_size": chunk_size, "dtype": dtype, "dim": encoder.dim, "max_pixels": max_pixels}
-    writer = StoreWriter.open(out_dir, identity, settings)
+    writer = StoreWriter.open(out_dir, identity, settings, items=items)
     if writer.run["settings"] != settings:
         _log.warning("resuming %s with its original settings %s", writer.path, writer.run["settings"])
     resumed = writer.items_done
     if resumed:
-        _log.info("resuming %s after %d complete chunks (%d items)", writer.path, len(writer.chunks), resumed)
+        _log.info(
+            "resuming %s after %d items (%d complete chunks and %d parts)",
+            writer.path,
+            resumed,
+            len(writer.chunks),
+            len(writer.parts),
+        )
     units = plan_units(resumed, len(items), writer.chunk_size, batch_size)
     max_pixels_used = int(writer.run["settings"]["max_pixels"])
     control = control or RunControl()
@@ -112,6 +130,7 @@ def embed_source(
         if resumed:
             stage.advance(resumed)
         expected = resumed
+        saved_at = time.perf_counter()
         for unit in encoded:
             if unit.start != expected:
                 raise RuntimeError(f"embedding units out of order: got {unit.start}, expected {expected}")
@@ -119,11 +138,19 @@ def embed_source(
             encode_s += unit.encode_s
             chunk_features.append(unit.features.astype(writer.dtype, copy=False))
             chunk_entries.extend(_entries(items, unit))
-            if expected % writer.chunk_size == 0 or expected == len(items):
-                writer.write_chunk(_stack(chunk_features, encoder.dim), chunk_entries)
+            chunk_done = expected % writer.chunk_size == 0 or expected == len(items)
+            if chunk_done or time.perf_counter() - saved_at >= save_every_s:
+                write = writer.write_chunk if chunk_done else writer.write_part
+                write(_stack(chunk_features, encoder.dim), chunk_entries)
                 chunk_features, chunk_entries = [], []
+                saved_at = time.perf_counter()
             bar.update(unit.size)
-            stage.advance(unit.size)
+            try:
+                stage.advance(unit.size)
+            except Cancelled:
+                if chunk_entries:
+                    writer.write_part(_stack(chunk_features, encoder.dim), chunk_entries)
+                raise
     finished = time.perf_counter()
     store = writer.finish(
         {

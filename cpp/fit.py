@@ -266,16 +266,22 @@ def auto_epochs(n_train: int, config: FitConfig) -> int:
 
 
 def rate_reduction_loss(
-    z: torch.Tensor, c: torch.Tensor, config: FitConfig, *, warmup: bool
+    z: torch.Tensor,
+    c: torch.Tensor,
+    config: FitConfig,
+    *,
+    warmup: bool,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss and its terms (device tensors, no host sync)."""
+    """The training loss and its terms (device tensors, no host sync); the rows of Π sampled for R_c are
+    drawn from ``generator`` (on the device of ``c``)."""
     r = coding_rate(z, config.eps2)
     if warmup:
         return -r, {"rate": r.detach()}
     pi = membership(c, config.temperature, config.sinkhorn_iters)
     n = pi.shape[0]
     if config.cluster_rows is not None and config.cluster_rows < n:
-        rows = torch.randperm(n, device=pi.device)[: config.cluster_rows]
+        rows = torch.randperm(n, device=pi.device, generator=generator)[: config.cluster_rows]
         rc = coding_rate_clusters(z, pi[rows], config.eps2) * (n / config.cluster_rows)
     else:
         rc = coding_rate_clusters(z, pi, config.eps2)
@@ -294,6 +300,8 @@ def fit_head(
     """Train a head on ``features`` ``(N, d)`` or a feature store (rows are L2-normalised here).
 
     Above ``max_train_samples`` rows it trains on a random sample of them (read by index from a store).
+    The same features, configurations and seed give the same weights, also in concurrent threads, as long as
+    the number of CPU threads is the same (another count sums floats in another order).
     """
     matrix = as_matrix(features)
     _check_features(matrix)
@@ -324,8 +332,12 @@ def fit_head(
     view_neighbours = knn[:, :view_k].contiguous() if view_k else None
     x = torch.from_numpy(x_np).to(device)
 
-    torch.manual_seed(fit_config.seed)
-    head = build_head(head_config, in_dim).to(device)
+    # Every random draw comes from generators of this call, never torch's global one, so that runs in other
+    # threads (concurrent service jobs) cannot shift it. They give what torch.manual_seed(seed) gave before:
+    # the head's initial weights, then (CPU) the sampled rows of Π.
+    init = torch.Generator().manual_seed(fit_config.seed)
+    head = build_head(head_config, in_dim, generator=init).to(device)
+    sample_pi = init if device.type == "cpu" else torch.Generator(device).manual_seed(fit_config.seed)
     if isinstance(head, CrateHead):
         head.input_mean.copy_(x.mean(0))
     z_proj, c_proj = head.get_submodule("z_proj"), head.get_submodule("c_proj")
@@ -366,7 +378,7 @@ def fit_head(
                     rows = torch.cat([anchors, view_neighbours[anchors, pick]]).to(device)
                 with _autocast(device):
                     z, c = head(_tokens(x, neighbours, rows))
-                loss, terms = rate_reduction_loss(z, c, fit_config, warmup=warmup)
+                loss, terms = rate_reduction_loss(z, c, fit_config, warmup=warmup, generator=sample_pi)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -1,7 +1,9 @@
 """Clustering heads over frozen features: the white-box CRATE head (default) and CPP's MLP head.
 
 Both map a token set ``(B, T, in_dim)`` — a sample followed by its ``context_k`` nearest neighbours — to two
-unit-norm outputs of the sample's own token: ``Z`` (subspace features) and ``C`` (cluster codes).
+unit-norm outputs of the sample's own token: ``Z`` (subspace features) and ``C`` (cluster codes). Initial
+weights are drawn from the ``generator`` given to :func:`build_head` (torch's global one without), in the
+order and with the distributions of torch's default initialisation.
 """
 
 from __future__ import annotations
@@ -33,10 +35,21 @@ class HeadConfig(BaseModel):
     attention_scale: float = Field(default=1.0, gt=0, description="extra factor on MSSA logits")
 
 
+def _linear(in_features: int, out_features: int, generator: torch.Generator | None) -> nn.Linear:
+    """``nn.Linear`` with its default initialisation drawn from ``generator``."""
+    layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features)
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(in_features)
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: one basis ``U_k`` per head for query, key, value and output."""
 
-    def __init__(self, width: int, heads: int, scale: float) -> None:
+    def __init__(
+        self, width: int, heads: int, scale: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
@@ -44,7 +57,7 @@ class MSSA(nn.Module):
         self.head_dim = width // heads
         self.scale = scale / math.sqrt(self.head_dim)
         # U_k are column blocks of one orthogonal matrix: the initial subspaces are mutually orthogonal.
-        q = nn.init.orthogonal_(torch.empty(width, width))
+        q = nn.init.orthogonal_(torch.empty(width, width), generator=generator)
         self.bases = nn.Parameter(q.view(width, heads, self.head_dim).permute(1, 0, 2).contiguous())
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +73,12 @@ class MSSA(nn.Module):
 class ISTA(nn.Module):
     """One non-negative ISTA step on ``min λ‖z‖₁ + ½‖x − Dz‖²`` from ``z = x``."""
 
-    def __init__(self, width: int, step_size: float, threshold: float) -> None:
+    def __init__(
+        self, width: int, step_size: float, threshold: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.dictionary = nn.Parameter(torch.empty(width, width))
-        nn.init.kaiming_uniform_(self.dictionary, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.dictionary, a=math.sqrt(5), generator=generator)
         self.step_size = step_size
         self.threshold = threshold
 
@@ -76,12 +91,20 @@ class ISTA(nn.Module):
 class CrateLayer(nn.Module):
     """Compression (MSSA with residual) then sparsification (ISTA), each after a LayerNorm."""
 
-    def __init__(self, width: int, heads: int, step_size: float, threshold: float, scale: float) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        step_size: float,
+        threshold: float,
+        scale: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(width)
-        self.attn = MSSA(width, heads, scale)
+        self.attn = MSSA(width, heads, scale, generator)
         self.norm_ista = nn.LayerNorm(width)
-        self.ista = ISTA(width, step_size, threshold)
+        self.ista = ISTA(width, step_size, threshold, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm_attn(x))
@@ -113,19 +136,26 @@ class CrateHead(nn.Module):
 
     input_mean: torch.Tensor
 
-    def __init__(self, config: HeadConfig, in_dim: int) -> None:
+    def __init__(self, config: HeadConfig, in_dim: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         # Pretrained features share a large common direction; removing the data-set mean (set by the
         # trainer, saved with the weights) lets the subspaces separate what differs between samples.
         self.register_buffer("input_mean", torch.zeros(in_dim))
-        self.embed = nn.Linear(in_dim, config.width)
+        self.embed = _linear(in_dim, config.width, generator)
         self.layers = nn.ModuleList(
-            CrateLayer(config.width, config.heads, config.step_size, config.sparsity, config.attention_scale)
+            CrateLayer(
+                config.width,
+                config.heads,
+                config.step_size,
+                config.sparsity,
+                config.attention_scale,
+                generator,
+            )
             for _ in range(config.layers)
         )
         self.norm_out = nn.LayerNorm(config.width)
-        self.z_proj = nn.Linear(config.width, config.z_dim)
-        self.c_proj = nn.Linear(config.width, config.z_dim)
+        self.z_proj = _linear(config.width, config.z_dim, generator)
+        self.c_proj = _linear(config.width, config.z_dim, generator)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(F.normalize(tokens - self.input_mean, dim=-1))
@@ -155,25 +185,25 @@ class CrateHead(nn.Module):
 class MLPHead(nn.Module):
     """CPP's head: linear-BN-ReLU-linear-ReLU, then linear Z and C projections (first token only)."""
 
-    def __init__(self, config: HeadConfig, in_dim: int) -> None:
+    def __init__(self, config: HeadConfig, in_dim: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(in_dim, config.width),
+            _linear(in_dim, config.width, generator),
             nn.BatchNorm1d(config.width),
             nn.ReLU(),
-            nn.Linear(config.width, config.width),
+            _linear(config.width, config.width, generator),
             nn.ReLU(),
         )
-        self.z_proj = nn.Linear(config.width, config.z_dim)
-        self.c_proj = nn.Linear(config.width, config.z_dim)
+        self.z_proj = _linear(config.width, config.z_dim, generator)
+        self.c_proj = _linear(config.width, config.z_dim, generator)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(tokens[:, 0])
         return F.normalize(self.z_proj(h), dim=-1), F.normalize(self.c_proj(h), dim=-1)
 
 
-def build_head(config: HeadConfig, in_dim: int) -> nn.Module:
-    """The head ``config`` describes, for inputs of dimension ``in_dim``."""
+def build_head(config: HeadConfig, in_dim: int, *, generator: torch.Generator | None = None) -> nn.Module:
+    """The head ``config`` describes, for inputs of dimension ``in_dim``, initialised from ``generator``."""
     if config.type == "crate":
-        return CrateHead(config, in_dim)
-    return MLPHead(config, in_dim)
+        return CrateHead(config, in_dim, generator)
+    return MLPHead(config, in_dim, generator)

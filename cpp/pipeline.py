@@ -48,7 +48,7 @@ from cpp.result import (
     SkippedFile,
 )
 from cpp.sources import OUTSIDE_ROOTS, Roots, inside_roots, resolved_spec
-from cpp.store import FeatureStore, RowRecord
+from cpp.store import LABEL_FIELDS, FeatureStore, RowRecord
 from cpp.vocab import SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
 
 log = get_logger("pipeline")
@@ -80,10 +80,19 @@ def head_configs(n: int, options: ClusterOptions) -> tuple[HeadConfig, FitConfig
     return head, fit
 
 
+#: Store metadata that labels and captions change (relabelling a store keeps its features and their rows).
+_LABEL_META = ("identity", "source", "chunks", "relabelled")
+
+
 def _head_key(store: FeatureStore, head: HeadConfig, fit: FitConfig) -> dict[str, Any]:
-    """What a saved head must match to be reused: the store's metadata (unique per run) and the settings."""
+    """What a saved head must match to be reused: the store's features (its metadata, unique per run, less
+    what relabelling changes, and its chunk files) and the settings."""
+    features = {
+        "meta": {k: v for k, v in store.meta.items() if k not in _LABEL_META},
+        "chunks": [(chunk["features"], chunk["rows"]) for chunk in store.meta["chunks"]],
+    }
     return {
-        "store": hashlib.sha256(json.dumps(store.meta, sort_keys=True, default=str).encode()).hexdigest(),
+        "store": hashlib.sha256(json.dumps(features, sort_keys=True, default=str).encode()).hexdigest(),
         "head": head.model_dump(),
         "fit": fit.model_dump(),
     }
@@ -408,5 +417,6 @@ def runs_dir() -> Path:
 
 def default_work_dir(source: SourceSpec, model: str) -> Path:
     """``runs_dir()/<hash>``: one work directory per source and model."""
-    key = hashlib.sha256(json.dumps({"source": resolved_spec(source), "model": model}).encode()).hexdigest()
+    spec = {k: v for k, v in resolved_spec(source).items() if k not in LABEL_FIELDS}  # labels: same features
+    key = hashlib.sha256(json.dumps({"source": spec, "model": model}).encode()).hexdigest()
     return runs_dir() / key[:16]

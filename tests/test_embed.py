@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from controls import cancel_after
 from photos import photo_array, write_shard
 from PIL import Image
@@ -81,23 +83,45 @@ def test_bad_files_are_skipped_and_odd_images_embedded(
     assert store.meta["encoder_id"] == tiny_encoder.id
 
 
+class _Killed(Exception):
+    """Stands for the process being killed: nothing after it runs (unlike a cancel)."""
+
+
+def _count_encoded(monkeypatch: pytest.MonkeyPatch, encoder: Encoder, *, kill_at: int = 0) -> list[int]:
+    """The sizes of the batches ``encoder`` encodes from now on; its ``kill_at``-th batch (0: none) raises
+    :class:`_Killed` instead."""
+    sizes: list[int] = []
+    encode = functools.partial(type(encoder).encode_images, encoder)  # not an earlier counter
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        if len(sizes) + 1 == kill_at:
+            raise _Killed
+        sizes.append(len(batch))
+        return encode(batch)
+
+    monkeypatch.setattr(encoder, "encode_images", counted)
+    return sizes
+
+
 def test_resume_after_cancel_equals_uninterrupted_run(
-    photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder
+    photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = _folder(photo_dir)
     full = embed_source(spec, tmp_path / "full", tiny_encoder, batch_size=2, chunk_size=3, workers=0)
 
-    control = cancel_after(4)  # after the first chunk
+    control = cancel_after(4)  # units (0, 2) (2, 3) fill chunk 0, then (3, 5) is encoded and saved
     with pytest.raises(Cancelled):
         embed_source(
             spec, tmp_path / "resumed", tiny_encoder, batch_size=2, chunk_size=3, workers=0, control=control
         )
-    assert (tmp_path / "resumed" / "chunks" / "index-00000.jsonl").is_file()
+    chunks = tmp_path / "resumed" / "chunks"
+    assert (chunks / "index-00000.jsonl").is_file() and list(chunks.glob("index-00001.part-*.jsonl"))
     assert not (tmp_path / "resumed" / "meta.json").exists()
     with pytest.raises(StoreError, match="unfinished"):
         FeatureStore.open(tmp_path / "resumed")
 
     events: list[ProgressEvent] = []
+    encoded = _count_encoded(monkeypatch, tiny_encoder)
     resumed = embed_source(
         spec,
         tmp_path / "resumed",
@@ -107,11 +131,96 @@ def test_resume_after_cancel_equals_uninterrupted_run(
         workers=0,
         control=RunControl(on_progress=events.append),
     )
-    assert resumed.meta["run"]["resumed_items"] == 3
+    assert resumed.meta["run"]["resumed_items"] == 5 and encoded == [1, 2]  # units (5, 6) (6, 8)
+    assert not list(chunks.glob("*.part-*"))
     assert events[-1].done == events[-1].total == 8
     np.testing.assert_array_equal(resumed.features(np.float16), full.features(np.float16))
     assert resumed.rows() == full.rows()
     assert resumed.counts == full.counts
+
+
+def test_a_killed_run_resumes_after_its_last_saved_part(
+    photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _folder(photo_dir)
+    full = embed_source(spec, tmp_path / "full", tiny_encoder, batch_size=2, workers=0)  # one chunk of 8
+    encoded = _count_encoded(monkeypatch, tiny_encoder, kill_at=3)
+    with pytest.raises(_Killed):
+        embed_source(spec, tmp_path / "store", tiny_encoder, batch_size=2, workers=0, save_every_s=0)
+    assert encoded == [2, 2]
+    chunks = tmp_path / "store" / "chunks"
+    assert sorted(path.name for path in chunks.glob("index-*")) == [
+        "index-00000.part-00000.jsonl",
+        "index-00000.part-00001.jsonl",
+    ]
+
+    encoded = _count_encoded(monkeypatch, tiny_encoder)
+    resumed = embed_source(spec, tmp_path / "store", tiny_encoder, batch_size=2, workers=0, save_every_s=0)
+    assert encoded == [2, 2]  # items 4..7 only
+    assert resumed.meta["run"]["resumed_items"] == 4
+    assert sorted(path.name for path in chunks.iterdir()) == ["features-00000.npy", "index-00000.jsonl"]
+    np.testing.assert_array_equal(resumed.features(np.float16), full.features(np.float16))
+    assert resumed.rows() == full.rows() and resumed.counts == full.counts
+
+
+def test_changing_only_where_labels_come_from_reuses_the_features(
+    photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unlabelled = SourceSpec(type="folder", path=str(photo_dir))
+    labelled = _folder(photo_dir)
+    reference = embed_source(labelled, tmp_path / "reference", tiny_encoder, batch_size=3, workers=0)
+    first = embed_source(unlabelled, tmp_path / "store", tiny_encoder, batch_size=3, workers=0)
+    features = first.features(np.float16)
+    assert {row.label for row in first.rows()} == {None}
+
+    encoded = _count_encoded(monkeypatch, tiny_encoder)
+    again = embed_source(labelled, tmp_path / "store", tiny_encoder, batch_size=3, workers=0)
+    assert encoded == []
+    assert again.rows() == reference.rows() and again.source["labels_from_folders"] is True
+    np.testing.assert_array_equal(again.features(np.float16), features)
+
+    # A partial store too: cancelled without labels, resumed with them.
+    with pytest.raises(Cancelled):
+        embed_source(
+            unlabelled, tmp_path / "partial", tiny_encoder, batch_size=3, workers=0, control=cancel_after(3)
+        )
+    encoded.clear()
+    resumed = embed_source(labelled, tmp_path / "partial", tiny_encoder, batch_size=3, workers=0)
+    assert encoded == [3, 2] and resumed.rows() == reference.rows()
+    np.testing.assert_array_equal(resumed.features(np.float16), features)
+
+
+def test_other_coco_annotations_of_the_same_images_reuse_the_features(
+    photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = tmp_path / "val"
+    images.mkdir()
+    for photo in sorted(photo_dir.rglob("*.jpg"))[:3]:
+        (images / photo.name).write_bytes(photo.read_bytes())
+    listed = [{"id": i, "file_name": path.name} for i, path in enumerate(sorted(images.iterdir()))]
+    captions = {"images": listed, "annotations": [{"image_id": 0, "caption": "a photo"}]}
+    instances = {
+        "images": listed,
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"image_id": i, "category_id": 1, "area": 1.0} for i in range(3)],
+    }
+    for name, data in (("captions.json", captions), ("instances.json", instances)):
+        (tmp_path / name).write_text(json.dumps(data))
+
+    def coco(*files: str) -> SourceSpec:
+        return SourceSpec(type="coco", path=str(images), annotations=[str(tmp_path / f) for f in files])
+
+    first = embed_source(coco("captions.json"), tmp_path / "store", tiny_encoder, workers=0)
+    assert [row.captions for row in first.rows()] == [("a photo",), (), ()]
+    encoded = _count_encoded(monkeypatch, tiny_encoder)
+    both = embed_source(coco("instances.json", "captions.json"), tmp_path / "store", tiny_encoder, workers=0)
+    assert encoded == []
+    assert [(row.label, row.captions) for row in both.rows()] == [("thing", ("a photo",))] + [
+        ("thing", ())
+    ] * 2
+    (images / "extra.jpg").write_bytes(next(photo_dir.rglob("hubble.jpg")).read_bytes())
+    with pytest.raises(StoreError, match="other images"):
+        embed_source(coco("instances.json"), tmp_path / "store", tiny_encoder, workers=0)
 
 
 def _shards(photo_dir: Path, root: Path) -> SourceSpec:

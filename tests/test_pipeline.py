@@ -142,9 +142,11 @@ def test_bad_requests_are_user_errors(photo_dir: Path, tmp_path: Path) -> None:
 
 def test_vocabulary_problems_fail_before_embedding(photo_dir: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
+    names = tmp_path / "names.txt"
+    names.write_text("flux capacitor\nhoverboard\n")  # no ImageNet class, no map entry
     with pytest.raises(UnsupportedVocabulary, match="no text tower"):
         run_cluster(
-            _folder(photo_dir), ClusterOptions(model="effnet-lite0-in1k", vocabulary=["cifar100"]), work
+            _folder(photo_dir), ClusterOptions(model="effnet-lite0-in1k", vocabulary=[str(names)]), work
         )
     with pytest.raises(UnsupportedVocabulary, match="'captions' vocabulary needs"):
         run_cluster(

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from cpp.sources import Item
 from cpp.store import FeatureStore, StoreError, StoreWriter, check_complete_store
 
-IDENTITY = {"encoder_id": "enc-a", "encoder_weights": None, "source": {"type": "folder", "path": "/x"}}
+IDENTITY: dict[str, Any] = {
+    "encoder_id": "enc-a",
+    "encoder_weights": None,
+    "source": {"type": "folder", "path": "/x"},
+}
 SETTINGS = {"chunk_size": 3, "dtype": "float16", "dim": 4, "max_pixels": 100}
 
 
@@ -98,3 +104,106 @@ def test_non_store_directory_and_corrupt_chunks(tmp_path: Path) -> None:
     chunk.unlink()
     with pytest.raises(StoreError, match="missing"):
         FeatureStore.open(tmp_path / "store")
+
+
+def _items(keys: range, label: str | None = "new") -> list[Item]:
+    """Source items with the keys and paths of :func:`_entries`, a caption and ``label``."""
+    return [
+        Item(key=f"k{i}", path=f"/x/k{i}.jpg", load_bytes=bytes, captions=(f"c{i}",), label=label)
+        for i in keys
+    ]
+
+
+def test_saved_parts_are_resumed_and_become_the_chunk(tmp_path: Path) -> None:
+    _, features = _write_two_chunks(tmp_path / "whole")
+    writer = StoreWriter.open(tmp_path / "parts", IDENTITY, SETTINGS)
+    writer.write_chunk(features[:2], _entries(0, "oxo"))
+    second = _entries(3, "ooo")
+    writer.write_part(features[2:3], second[:1])
+    writer.write_part(features[3:4], second[1:2])
+    chunks = tmp_path / "parts" / "chunks"
+    assert sorted(path.name for path in chunks.glob("*.part-*")) == [
+        "features-00001.part-00000.npy",
+        "features-00001.part-00001.npy",
+        "index-00001.part-00000.jsonl",
+        "index-00001.part-00001.jsonl",
+    ]
+    resumed = StoreWriter.open(tmp_path / "parts", IDENTITY, SETTINGS)  # a new run after a kill
+    assert resumed.items_done == 5 and resumed.rows_written == 2 and len(resumed.parts) == 2
+    resumed.write_chunk(features[4:], second[2:])
+    assert not list(chunks.glob("*.part-*"))
+    meta = {"encoder_id": "enc-a", "encoder": {}, "source": {}}
+    store = resumed.finish(meta)
+    whole = StoreWriter.open(tmp_path / "whole", IDENTITY, SETTINGS).finish(meta)
+    np.testing.assert_array_equal(store.features(), whole.features())
+    assert store.rows() == whole.rows() and store.counts == whole.counts
+
+
+def test_parts_left_by_a_kill_are_cleaned_or_refused(tmp_path: Path) -> None:
+    writer, features = _write_two_chunks(tmp_path / "store")
+    chunks = tmp_path / "store" / "chunks"
+    (chunks / "index-00001.part-00000.jsonl").write_text("{}\n")  # chunk 1 was written, its part not removed
+    writer.write_part(np.ones((1, 4)), _entries(6, "o"))
+    assert StoreWriter.open(tmp_path / "store", IDENTITY, SETTINGS).items_done == 7
+    assert not (chunks / "index-00001.part-00000.jsonl").exists()
+    part = chunks / "features-00002.part-00000.npy"
+    part.write_bytes(part.read_bytes()[:-4])
+    with pytest.raises(StoreError, match=r"features-00002\.part-00000\.npy is corrupt"):
+        StoreWriter.open(tmp_path / "store", IDENTITY, SETTINGS)
+    part.unlink()
+    (chunks / "index-00002.part-00000.jsonl").unlink()
+    finished = StoreWriter.open(tmp_path / "store", IDENTITY, SETTINGS)
+    finished.write_part(np.ones((1, 4)), _entries(6, "o"))
+    store = finished.finish({"encoder_id": "enc-a", "encoder": {}, "source": {}})  # the parts: last chunk
+    assert store.counts == {"items": 7, "embedded": 6, "skipped": 1}
+    np.testing.assert_array_equal(store.features()[:5], features.astype(np.float16).astype(np.float32))
+
+
+def test_a_label_only_change_rewrites_the_index_of_a_complete_store(tmp_path: Path) -> None:
+    writer, _ = _write_two_chunks(tmp_path / "store")
+    before = writer.finish({"encoder_id": "enc-a", "encoder": {}, "source": IDENTITY["source"]})
+    rows, skipped, features = before.rows(), before.skipped(), before.features()
+    relabelled = {**IDENTITY, "source": {**IDENTITY["source"], "labels_from_folders": True}}
+    with pytest.raises(StoreError, match="another encoder or source"):  # without the items: refused
+        check_complete_store(tmp_path / "store", relabelled)
+    with pytest.raises(StoreError, match=r"other images \(the store has 'k0' where the source lists 'k1'\)"):
+        check_complete_store(tmp_path / "store", relabelled, items=lambda: _items(range(1, 7)))
+    with pytest.raises(StoreError, match=r"other images \(the source lists 5 items"):
+        check_complete_store(tmp_path / "store", relabelled, items=lambda: _items(range(5)))
+    store = check_complete_store(tmp_path / "store", relabelled, items=lambda: _items(range(6)))
+    assert store is not None and store.meta["identity"] == relabelled and store.source == relabelled["source"]
+    assert [(row.key, row.label, row.captions) for row in store.rows()][:2] == [
+        ("k0", "new", ("c0",)),
+        ("k2", "new", ("c2",)),
+    ]
+    assert [(row.index, row.key) for row in store.rows()] == [(row.index, row.key) for row in rows]
+    assert store.skipped() == skipped
+    np.testing.assert_array_equal(store.features(), features)
+    assert sorted(path.name for path in (tmp_path / "store" / "chunks").glob("index-*")) == [
+        "index-00000.r1.jsonl",
+        "index-00001.r1.jsonl",
+    ]
+    assert FeatureStore.open(tmp_path / "store").meta == store.meta
+    assert check_complete_store(tmp_path / "store", relabelled, items=lambda: []) is not None  # same: kept
+    other_path = {**relabelled, "source": {**relabelled["source"], "path": "/y"}}
+    with pytest.raises(StoreError, match="another encoder or source"):
+        check_complete_store(tmp_path / "store", other_path, items=lambda: _items(range(6)))
+
+
+def test_a_label_only_change_rewrites_a_partial_store_even_after_an_interruption(tmp_path: Path) -> None:
+    writer, _ = _write_two_chunks(tmp_path / "store")
+    writer.write_part(np.ones((1, 4)), _entries(6, "o"))
+    relabelled = {**IDENTITY, "source": {**IDENTITY["source"], "annotations": ["/x/instances.json"]}}
+    with pytest.raises(StoreError, match="labels of this partial store must be updated"):
+        StoreWriter.open(tmp_path / "store", relabelled, SETTINGS)
+    resumed = StoreWriter.open(tmp_path / "store", relabelled, SETTINGS, items=_items(range(8)))
+    assert resumed.run["identity"] == relabelled and resumed.items_done == 7
+    assert [entry["label"] for _, entries in resumed.parts for entry in entries] == ["new"]
+    # Interrupted while rewriting: the mark stays in run.json and the next open rewrites everything again.
+    run_path = tmp_path / "store" / "run.json"
+    run_path.write_text(json.dumps({**json.loads(run_path.read_text()), "relabelling": True}))
+    again = StoreWriter.open(tmp_path / "store", relabelled, SETTINGS, items=_items(range(8), label="newer"))
+    assert "relabelling" not in json.loads(run_path.read_text())
+    again.write_chunk(np.ones((1, 4)), _entries(7, "o"))
+    store = again.finish({"encoder_id": "enc-a", "encoder": {}, "source": relabelled["source"]})
+    assert [row.label for row in store.rows()] == ["newer"] * 6 + [None]  # chunk 2's new item: as written

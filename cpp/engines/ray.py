@@ -6,10 +6,10 @@ lists those shards itself and keeps the last two), else its items (keys and pick
 actors maps it, one unit per call (the explicit batch size); each actor builds ONE encoder from the registry
 spec ``encoder.id`` and decodes (with ``cpus_per_actor`` threads) and encodes its units. Ray Data's
 ``preserve_order`` option returns the units in plan order as they complete, so
-:func:`cpp.embed.embed_source` writes each chunk as soon as it is full and a run resumes after its last
-complete chunk, whichever engine wrote the chunks before. Measured on a 2-CPU machine with units of uneven
-cost, ``preserve_order`` took as long as unordered output put back in order by the driver, which needed a
-reorder buffer of up to 5 units.
+:func:`cpp.embed.embed_source` writes each chunk as soon as it is full (and parts of it as it fills) and a
+run resumes after its last saved part, whichever engine wrote the store before. Measured on a 2-CPU machine
+with units of uneven cost, ``preserve_order`` took as long as unordered output put back in order by the
+driver, which needed a reorder buffer of up to 5 units.
 
 Ray is imported only when the engine runs, so ``import cpp`` works without it (``pip install 'cpp[ray]'``).
 """
