@@ -194,13 +194,13 @@ def _write_result(path: Path, result: ClusterResult) -> None:
     os.replace(partial, path)
 
 
-def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: Path) -> None:
+def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: Path, roots: Roots) -> None:
     """Fail before embedding when a vocabulary file is missing or the encoder cannot embed the names."""
     fixed = [spec for spec in specs if spec != CAPTIONS]
     if CAPTIONS in specs:
         check_supported(encoder, captions_vocabulary(["a caption"]))
     if fixed:
-        vocabulary = resolve_vocabulary(fixed)
+        vocabulary = resolve_vocabulary(fixed, roots=roots)
         if not encoder.has_text_tower:  # classifier rows: instant, and raises for names it does not know
             embed_vocabulary(encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=cache_dir)
 
@@ -237,7 +237,7 @@ def run_cluster(
     for spec in options.vocabulary:
         if spec not in BUILTIN_VOCABULARIES and spec != CAPTIONS and not inside_roots(spec, roots):
             raise PipelineError(f"vocabulary file {spec!r} is {OUTSIDE_ROOTS} (symbolic links are followed)")
-    _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR)
+    _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR, roots)
     store = embed_source(
         source,
         work_dir / FEATURES_DIR,
@@ -260,7 +260,9 @@ def run_cluster(
             f"{source.path} has {n}. Ask for at most {n // 2} clusters, or 'auto'."
         )
     vocabulary = resolve_vocabulary(
-        options.vocabulary, captions=(caption for row in store.iter_rows() for caption in row.captions)
+        options.vocabulary,
+        captions=(caption for row in store.iter_rows() for caption in row.captions),
+        roots=roots,
     )
 
     tick = time.perf_counter()

@@ -16,17 +16,19 @@ import bisect
 import csv
 import functools
 import glob
+import io
 import json
 import operator
 import os
 import re
+import stat
 import tarfile
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, BinaryIO, overload
 
 from cpp.errors import SourceError
 from cpp.options import SourceSpec, SourceType
@@ -98,13 +100,31 @@ def _opened_path(handle: Any, path: str) -> str:
         return os.path.realpath(path)
 
 
-def open_confined(path: str, roots: Roots) -> Any:
-    """Open ``path`` for reading; :class:`OutsideRootsError` if the file it opened is outside ``roots``."""
-    handle = open(path, "rb")  # noqa: SIM115 - returned to the caller
-    if roots is not None and not any(Path(_opened_path(handle, path)).is_relative_to(r) for r in roots):
+def open_confined(path: str | os.PathLike[str], roots: Roots) -> BinaryIO:
+    """Open the regular file ``path`` for reading; :class:`OutsideRootsError` if it is outside ``roots``.
+
+    The path is checked before opening (nothing outside is opened at all), and the file actually opened is
+    checked again after. Non-regular files (FIFOs, devices) are refused without blocking.
+    """
+    if not inside_roots(path, roots):
+        raise OutsideRootsError(str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    if roots is not None and not any(Path(_opened_path(handle, str(path))).is_relative_to(r) for r in roots):
         handle.close()
-        raise OutsideRootsError(path)
+        raise OutsideRootsError(str(path))
     return handle
+
+
+def _open_text(path: str | os.PathLike[str], roots: Roots, **kwargs: Any) -> io.TextIOWrapper:
+    """:func:`open_confined` as UTF-8 text."""
+    return io.TextIOWrapper(open_confined(path, roots), encoding="utf-8", **kwargs)
 
 
 def read_file(path: str, roots: Roots = None) -> bytes:
@@ -342,7 +362,7 @@ def _iter_folder(root: Path, labels_from_folders: bool, roots: Roots = None) -> 
     if not root.is_dir():
         raise SourceError(f"image folder {str(root)!r} does not exist or is not a directory")
     _require_inside(root, roots, "image folder")
-    relative = _image_files(root)
+    relative = _image_files(Path(os.path.realpath(root)))  # the folder checked, even if a link changes now
     if not relative:
         raise SourceError(
             f"no images under {str(root)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
@@ -363,7 +383,7 @@ def _iter_file_list(list_path: Path, roots: Roots = None) -> Iterator[Item]:
     _require_inside(list_path, roots, "file list")
     base = list_path.parent
     read = _read_csv_list if list_path.suffix.lower() == ".csv" else _read_txt_list
-    entries = read(list_path)
+    entries = read(list_path, roots)
     if not entries:
         raise SourceError(f"file list {str(list_path)!r} names no files")
     seen: dict[str, int] = {}
@@ -381,9 +401,9 @@ def _iter_file_list(list_path: Path, roots: Roots = None) -> Iterator[Item]:
         )
 
 
-def _read_txt_list(list_path: Path) -> list[tuple[int, str, str | None, str | None]]:
+def _read_txt_list(list_path: Path, roots: Roots) -> list[tuple[int, str, str | None, str | None]]:
     entries: list[tuple[int, str, str | None, str | None]] = []
-    with open(list_path, encoding="utf-8") as handle:
+    with _open_text(list_path, roots) as handle:
         for number, raw in enumerate(handle, start=1):
             entry = raw.strip()
             if entry and not entry.startswith("#"):
@@ -391,9 +411,9 @@ def _read_txt_list(list_path: Path) -> list[tuple[int, str, str | None, str | No
     return entries
 
 
-def _read_csv_list(list_path: Path) -> list[tuple[int, str, str | None, str | None]]:
+def _read_csv_list(list_path: Path, roots: Roots) -> list[tuple[int, str, str | None, str | None]]:
     entries = []
-    with open(list_path, encoding="utf-8", newline="") as handle:
+    with _open_text(list_path, roots, newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise SourceError(
@@ -474,9 +494,8 @@ def _iter_shard(shard: str, roots: Roots = None) -> Iterator[Item]:
     captions: dict[str, str] = {}
     labels: dict[str, str] = {}
     try:
-        members = tar_members(shard)
-        with open(shard, "rb") as handle:
-            for member in members:
+        with open_confined(shard, roots) as handle:
+            for member in tar_members(handle):
                 key, extension = _split_member(member.name)
                 if "." + extension in IMAGE_EXTENSIONS:
                     images.setdefault(key, member)
@@ -507,6 +526,7 @@ def _iter_coco(image_root: Path, annotation_files: list[Path], roots: Roots = No
     if not image_root.is_dir():
         raise SourceError(f"COCO image folder {str(image_root)!r} does not exist or is not a directory")
     _require_inside(image_root, roots, "COCO image folder")
+    listed_root = Path(os.path.realpath(image_root))
     if not annotation_files:
         raise SourceError(
             "a COCO source needs annotation files (instances and/or captions JSON): --annotations"
@@ -517,7 +537,7 @@ def _iter_coco(image_root: Path, annotation_files: list[Path], roots: Roots = No
     captions: dict[int, list[str]] = defaultdict(list)
     for annotation_file in annotation_files:
         _require_inside(annotation_file, roots, "COCO annotation file")
-        data = _load_coco_json(annotation_file)
+        data = _load_coco_json(annotation_file, roots)
         try:
             for image in data["images"]:
                 file_names[int(image["id"])] = str(image["file_name"])
@@ -553,7 +573,7 @@ def _iter_coco(image_root: Path, annotation_files: list[Path], roots: Roots = No
                 label=label,
             ),
         )
-    for rel in _image_files(image_root):
+    for rel in _image_files(listed_root):
         if os.path.normpath(rel) not in entries:
             path = str(image_root / rel)
             entries[rel] = Item(key=rel, path=path, load_bytes=functools.partial(read_file, path, roots))
@@ -561,11 +581,11 @@ def _iter_coco(image_root: Path, annotation_files: list[Path], roots: Roots = No
         yield entries[name]
 
 
-def _load_coco_json(path: Path) -> dict[str, Any]:
+def _load_coco_json(path: Path, roots: Roots = None) -> dict[str, Any]:
     if not path.is_file():
         raise SourceError(f"COCO annotation file {str(path)!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with _open_text(path, roots) as handle:
             data = json.load(handle)
     except (OSError, json.JSONDecodeError) as exc:
         raise SourceError(f"cannot read COCO annotation file {str(path)!r}: {exc}") from exc

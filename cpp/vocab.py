@@ -25,6 +25,7 @@ import open_clip
 
 from cpp.errors import CppError
 from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS
+from cpp.sources import Roots, open_confined
 
 #: The built-ins whose names are mapped to ImageNet-1k classes (for encoders without a text tower).
 IMAGENET_MAPPED = ("coco80", "cifar10", "cifar100")
@@ -121,13 +122,17 @@ def imagenet_class_map() -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["classes"]) for name, entry in json.loads(text)["names"].items()}
 
 
-def read_vocabulary_file(path: str | Path) -> Vocabulary:
-    """Names from a UTF-8 text file, one per line; blank lines and lines starting with ``#`` are ignored."""
+def read_vocabulary_file(path: str | Path, roots: Roots = None) -> Vocabulary:
+    """Names from a UTF-8 text file, one per line; blank lines and lines starting with ``#`` are ignored.
+
+    With ``roots``, the file is read only if it lies inside them (:func:`cpp.sources.open_confined`).
+    """
     path = Path(path)
     if not path.is_file():
         raise VocabularyError(f"vocabulary file {path} does not exist (give a file with one name per line)")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_confined(path, roots) as handle:
+            text = handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise VocabularyError(f"cannot read vocabulary file {path}: {exc}") from exc
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
@@ -149,11 +154,16 @@ def captions_vocabulary(captions: Iterable[str], *, limit: int = DEFAULT_MAX_CAP
 
 
 def resolve_vocabulary(
-    specs: Sequence[str], *, captions: Iterable[str] | None = None, max_captions: int = DEFAULT_MAX_CAPTIONS
+    specs: Sequence[str],
+    *,
+    captions: Iterable[str] | None = None,
+    max_captions: int = DEFAULT_MAX_CAPTIONS,
+    roots: Roots = None,
 ) -> Vocabulary:
     """Combine the vocabularies named by ``specs`` (built-in names, ``captions``, or file paths).
 
-    ``captions`` are the source's captions; they are required when ``captions`` is among the specs.
+    ``captions`` are the source's captions; they are required when ``captions`` is among the specs. Files
+    are read under ``roots`` only, when given.
     """
     if not specs:
         raise VocabularyError("no vocabulary given; use e.g. 'imagenet1k', 'captions' or a file of names")
@@ -170,7 +180,7 @@ def resolve_vocabulary(
                 )
             parts.append(found)
         elif Path(spec).is_file():
-            parts.append(read_vocabulary_file(spec))
+            parts.append(read_vocabulary_file(spec, roots))
         else:
             raise VocabularyError(
                 f"vocabulary {spec!r} is neither a built-in ({', '.join(BUILTIN_VOCABULARIES)}), "

@@ -19,8 +19,9 @@ from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS, ClusterOptions, SourceSp
 from service.problems import ApiProblem
 
 MAX_SHARDS = 100_000
-#: Longest file or folder name, in bytes (the usual file system limit).
+#: Longest file or folder name, and longest path, in bytes (the usual file system limits).
 MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4095
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 _WILDCARD = re.compile(r"[*?\[{]")
@@ -59,6 +60,8 @@ def _bad_source(detail: str) -> ApiProblem:
 
 
 def _check_name_lengths(value: str, field: str) -> None:
+    if len(value.encode("utf-8", errors="surrogatepass")) > MAX_PATH_BYTES:
+        raise _bad_source(f"{field}: the path is over {MAX_PATH_BYTES} bytes, more than a file system allows")
     for name in value.split("/"):
         if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
             raise _bad_source(
@@ -92,7 +95,18 @@ def _check_shards(pattern: str, roots: Sequence[Path]) -> None:
         return
     fixed = os.path.dirname(pattern[: first.start()]) or "/"
     check_path(fixed, roots, "source.path", must_exist="dir")
-    _check_name_lengths(pattern, "source.path")
+    _check_name_lengths(_longest_expansion(pattern), "source.path")
+
+
+def _longest_expansion(pattern: str) -> str:
+    """``pattern`` with each brace group replaced by its longest alternative (the longest name it makes)."""
+
+    def longest(match: re.Match[str]) -> str:
+        numeric = _RANGE.match(match.group(1))
+        options = numeric.groups() if numeric else match.group(1).split(",")
+        return max(options, key=lambda option: len(option.encode("utf-8", errors="surrogatepass")))
+
+    return _BRACE.sub(longest, pattern)
 
 
 def check_request_paths(source: SourceSpec, options: ClusterOptions, roots: Sequence[Path]) -> None:
@@ -103,6 +117,11 @@ def check_request_paths(source: SourceSpec, options: ClusterOptions, roots: Sequ
         check_path(source.path, roots, "source.path", must_exist="file" if source.type == "files" else "dir")
     for annotation in source.annotations:
         check_path(annotation, roots, "source.annotations", must_exist="file")
+    check_vocabulary_paths(options, roots)
+
+
+def check_vocabulary_paths(options: ClusterOptions, roots: Sequence[Path]) -> None:
+    """Check the vocabulary files a request names (uploads too: their images are uploaded, not these)."""
     for spec in options.vocabulary:
         if spec not in BUILTIN_VOCABULARIES and spec != CAPTIONS:
             check_path(spec, roots, "options.vocabulary", must_exist="file")

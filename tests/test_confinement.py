@@ -14,6 +14,7 @@ from cpp.encoders import Encoder, create_encoder
 from cpp.errors import SourceError
 from cpp.options import SourceSpec
 from cpp.sources import OUTSIDE_ROOTS, OutsideRootsError, Roots, confine_roots, iter_items, read_failure
+from cpp.vocab import VocabularyError, resolve_vocabulary
 
 
 @pytest.fixture
@@ -167,3 +168,24 @@ def test_embedding_records_the_reason(
     store = embed_source(spec, tmp_path / "store", tiny_encoder, batch_size=2, workers=0, roots=(root,))
     assert store.counts == {"items": 3, "embedded": 2, "skipped": 1}
     assert [(s.key, s.reason) for s in store.skipped()] == [("a/link.jpg", OUTSIDE_ROOTS)]
+
+
+def test_non_regular_files_are_refused_without_blocking(layout: tuple[Path, Path]) -> None:
+    root, _ = layout
+    os.mkfifo(root / "a" / "pipe.jpg")  # opening a FIFO for reading would wait for a writer
+    reasons = _keys_and_reasons(SourceSpec(type="folder", path=str(root)), confine_roots([root]))
+    assert reasons["a/pipe.jpg"] is not None and "not a regular file" in reasons["a/pipe.jpg"]
+    listing = root / "list.txt"
+    listing.write_text("/dev/zero\n")
+    assert _keys_and_reasons(SourceSpec(type="files", path=str(listing)), confine_roots([root])) == {
+        "/dev/zero": OUTSIDE_ROOTS
+    }
+
+
+def test_vocabulary_files_are_read_inside_the_roots_only(layout: tuple[Path, Path]) -> None:
+    root, outside = layout
+    (outside / "names.txt").write_text("secret name\n")
+    (root / "names.txt").symlink_to(outside / "names.txt")
+    with pytest.raises(VocabularyError, match=OUTSIDE_ROOTS):
+        resolve_vocabulary([str(root / "names.txt")], roots=confine_roots([root]))
+    assert resolve_vocabulary([str(root / "names.txt")]).names == ("secret name",)  # unconfined: read

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from service_testing import CountingEncoderFactory, FakePipeline, assert_problem, wait_for, wait_status
 
 from cpp.result import ClusterResult
@@ -214,6 +216,11 @@ def test_cheap_checks_happen_at_submission(client: TestClient, image_root: Path)
     wildcard = {"source": {"type": "webdataset", "path": f"{image_root}/*/x.tar"}}
     assert_problem(client.post("/v1/jobs", json=wildcard), 422, "bad-source")
     assert client.post("/v1/jobs", json=body(image_root, seed=2**31 - 1)).status_code == 202
+    deep = {"source": {"type": "folder", "path": str(image_root) + ("/" + "é" * 100) * 22}}
+    assert "4095 bytes" in assert_problem(client.post("/v1/jobs", json=deep), 422, "bad-source")["detail"]
+    names = ",".join(f"train-part-{i:03d}" for i in range(30))  # each name short, the pattern long
+    listed = {"source": {"type": "webdataset", "path": f"{image_root}/shards/{{{names}}}.tar"}}
+    assert client.post("/v1/jobs", json=listed).status_code == 202
 
 
 def test_model_and_device_policy(client: TestClient, image_root: Path) -> None:
@@ -337,3 +344,14 @@ def test_api_answers_while_a_job_runs(client: TestClient, image_root: Path, fake
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
     assert time.perf_counter() - started < 5
     fake.release.set()
+
+
+def test_upload_vocabulary_files_are_checked_too(client: TestClient) -> None:
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, "PNG")
+    response = client.post(
+        "/v1/jobs/upload",
+        files=[("files", ("a.png", image.getvalue(), "image/png"))],
+        data={"options": '{"vocabulary": ["/etc/passwd"]}'},
+    )
+    assert_problem(response, 403, "path-not-allowed")

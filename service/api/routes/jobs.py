@@ -18,7 +18,7 @@ from cpp.options import ClusterOptions, SourceSpec
 from cpp.result import ClusterResult
 from service.api.deps import Caller, CallerDep, Services, ServicesDep, SettingsDep, StoreDep
 from service.api.schemas import AssignmentPage, Job, JobPage, JobRequest
-from service.paths import check_request_paths
+from service.paths import check_request_paths, check_vocabulary_paths
 from service.problems import ApiProblem, problem_responses
 from service.store import IdempotencyConflict, JobRecord, JobStatus, JobStore
 from service.upload_form import read_upload_form
@@ -254,6 +254,7 @@ async def upload_job(
         finally:
             writer.close()
         options = _effective_options(services, _upload_options(fields.get("options")))
+        check_vocabulary_paths(options, settings.allowed_roots)
         labels = _form_bool(fields.get("labels_from_folders"), "labels_from_folders")
         if writer.parts == 0:
             raise ApiProblem(
