@@ -35,7 +35,7 @@ from cpp.labels import check_supported, embed_vocabulary
 from cpp.logging import get_logger
 from cpp.metrics import evaluate
 from cpp.naming import NamingConfig, name_clusters
-from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS, ClusterOptions, SourceSpec
+from cpp.options import CAPTIONS, ClusterOptions, SourceSpec
 from cpp.progress import RunControl
 from cpp.readout import Readout, direct_readout, readout
 from cpp.result import (
@@ -47,7 +47,7 @@ from cpp.result import (
     RunInfo,
     SkippedFile,
 )
-from cpp.sources import OUTSIDE_ROOTS, Roots, inside_roots, resolved_spec
+from cpp.sources import Roots, resolved_spec
 from cpp.store import LABEL_FIELDS, FeatureStore, RowRecord
 from cpp.vocab import SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
 
@@ -234,9 +234,6 @@ def run_cluster(
             encoder = create_encoder(options.model, device=options.device)
         except ValueError as exc:  # unknown spec or bad argument
             raise PipelineError(f"model {options.model!r}: {exc}") from exc
-    for spec in options.vocabulary:
-        if spec not in BUILTIN_VOCABULARIES and spec != CAPTIONS and not inside_roots(spec, roots):
-            raise PipelineError(f"vocabulary file {spec!r} is {OUTSIDE_ROOTS} (symbolic links are followed)")
     _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR, roots)
     store = embed_source(
         source,

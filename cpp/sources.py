@@ -116,7 +116,7 @@ def open_confined(path: str | os.PathLike[str], roots: Roots) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
-    if roots is not None and not any(Path(_opened_path(handle, str(path))).is_relative_to(r) for r in roots):
+    if not inside_roots(_opened_path(handle, str(path)), roots):
         handle.close()
         raise OutsideRootsError(str(path))
     return handle

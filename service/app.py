@@ -122,24 +122,22 @@ def _document_this_server(app: FastAPI, settings: Settings) -> None:
     keyless = not settings.api_keys and not settings.admin_keys
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            components = schema.get("components", {})
-            device = (
-                components.get("schemas", {}).get("ClusterOptions", {}).get("properties", {}).get("device")
-            )
-            if device is not None:
-                device.pop("pattern", None)
-                device["enum"] = list(dict.fromkeys(["auto", *settings.devices]))
-            upload = schema["paths"][UPLOAD_PATH]["post"]["requestBody"]["content"]["multipart/form-data"]
-            upload["schema"]["properties"]["files"].update(minItems=1, maxItems=settings.max_upload_files)
-            if keyless:
-                for operations in schema["paths"].values():
-                    for operation in operations.values():
-                        operation.pop("security", None)
-                        operation.get("responses", {}).pop("401", None)
-                components.pop("securitySchemes", None)
-        return app.openapi_schema or build()
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()  # cached by FastAPI in app.openapi_schema; adjusted in place once
+        components = schema["components"]
+        device = components["schemas"]["ClusterOptions"]["properties"]["device"]
+        device.pop("pattern", None)
+        device["enum"] = list(dict.fromkeys(["auto", *settings.devices]))
+        upload = schema["paths"][UPLOAD_PATH]["post"]["requestBody"]["content"]["multipart/form-data"]
+        upload["schema"]["properties"]["files"].update(minItems=1, maxItems=settings.max_upload_files)
+        if keyless:
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+                    operation["responses"].pop("401", None)
+            components.pop("securitySchemes", None)
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 

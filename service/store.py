@@ -36,9 +36,14 @@ class JobStatus(str, Enum):
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
+class _AnyOwner:
+    """The type of :data:`ANY_OWNER`."""
+
+
 #: ``owner`` argument that matches every job (workers, admin keys, a service without keys).
-ANY_OWNER = object()
-Owner = str | None | object
+ANY_OWNER = _AnyOwner()
+#: Whose jobs a read may see: a key id, None (jobs made without keys) or :data:`ANY_OWNER`.
+Owner = str | None | _AnyOwner
 
 
 class IdempotencyConflict(Exception):
@@ -128,7 +133,7 @@ def _scoped(owner: str | None, idempotency_key: str | None) -> str | None:
 
 
 def _unscoped(stored: str | None) -> str | None:
-    return None if stored is None else stored.rpartition(_SCOPE)[2]
+    return None if stored is None else stored.partition(_SCOPE)[2]  # owner ids are hex: no separator
 
 
 def _owner_clause(owner: Owner) -> tuple[str, list[Any]]:
