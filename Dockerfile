@@ -18,8 +18,8 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY . /app
-# PyPI's Linux torch wheels bundle the CUDA 12 libraries; the gpu extra adds faiss-gpu.
-RUN pip install ".[gpu,postgres]"
+# PyPI's Linux torch wheels bundle the CUDA 12 libraries; the gpu extra adds faiss-gpu, service the web stack.
+RUN pip install ".[service,gpu,postgres]"
 
 RUN useradd --create-home --uid 10001 cpp \
     && mkdir -p /data /models \

@@ -11,3 +11,7 @@ class SourceError(CppError):
 
 class OutputPathError(CppError):
     """An output path cannot be written: its directory is missing or read-only, or it is the wrong kind."""
+
+
+class MissingExtraError(CppError):
+    """A command needs an optional part of cpp that is not installed (e.g. ``cpp[service]``)."""

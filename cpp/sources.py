@@ -17,6 +17,7 @@ import csv
 import functools
 import glob
 import io
+import itertools
 import json
 import operator
 import os
@@ -434,29 +435,65 @@ def _is_pattern(path: str) -> bool:
     return any(ch in path for ch in "{}*?[")
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{000..099}`` ranges (zero padding kept) and ``{a,b}`` alternatives."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        if "{" in pattern or "}" in pattern:
-            raise SourceError(f"unbalanced braces in shard pattern {pattern!r}")
-        return [pattern]
-    body = match.group(1)
-    head, tail = pattern[: match.start()], pattern[match.end() :]
+@dataclass(frozen=True)
+class BraceGroup:
+    """One ``{...}`` of a shard pattern: a number range ``{first..last}`` (zero padding kept) or the
+    alternatives of ``{a,b}``. Its size and longest option are known without expanding it."""
+
+    text: str  # as written, braces included
+    numbers: range | None  # the range's numbers; None for alternatives
+    width: int  # zero padding of the range's numbers
+    alternatives: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.numbers) if self.numbers is not None else len(self.alternatives)
+
+    def options(self) -> Iterator[str]:
+        """The options in order."""
+        if self.numbers is None:
+            return iter(self.alternatives)
+        return (str(number).zfill(self.width) for number in self.numbers)
+
+    def longest(self) -> str:
+        """The longest option in bytes."""
+        if self.numbers is not None:
+            return str(self.numbers[-1]).zfill(self.width)
+        return max(self.alternatives, key=lambda option: len(option.encode("utf-8", errors="surrogatepass")))
+
+
+def _brace_group(body: str, pattern: str) -> BraceGroup:
     numeric = _RANGE.match(body)
     if numeric:
         first, last = numeric.groups()
         if int(first) > int(last):
             raise SourceError(f"empty range {{{body}}} in shard pattern {pattern!r} (start > end)")
         width = len(first) if first.startswith("0") else 0
-        options = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise SourceError(
-            f"bad brace expression {{{body}}} in shard pattern {pattern!r}: use {{000..099}} or {{a,b}}"
-        )
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+        return BraceGroup(f"{{{body}}}", range(int(first), int(last) + 1), width, ())
+    if "," in body:
+        return BraceGroup(f"{{{body}}}", None, 0, tuple(body.split(",")))
+    raise SourceError(
+        f"bad brace expression {{{body}}} in shard pattern {pattern!r}: use {{000..099}} or {{a,b}}"
+    )
+
+
+def parse_braces(pattern: str) -> list[str | BraceGroup]:
+    """Split a shard pattern into its literal text and brace groups, in order; raise :class:`SourceError`
+    for a bad group or unbalanced braces."""
+    parts: list[str | BraceGroup] = []
+    end = 0
+    for match in _BRACE.finditer(pattern):
+        parts += [pattern[end : match.start()], _brace_group(match.group(1), pattern)]
+        end = match.end()
+    parts.append(pattern[end:])
+    if any(isinstance(part, str) and ("{" in part or "}" in part) for part in parts):
+        raise SourceError(f"unbalanced braces in shard pattern {pattern!r}")
+    return [part for part in parts if part != ""]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..099}`` ranges (zero padding kept) and ``{a,b}`` alternatives."""
+    choices = [[part] if isinstance(part, str) else list(part.options()) for part in parse_braces(pattern)]
+    return ["".join(combination) for combination in itertools.product(*choices)]
 
 
 def _shard_paths(pattern: str, roots: Roots = None) -> list[str]:

@@ -31,6 +31,32 @@ def test_building_the_parser_imports_no_heavy_library() -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_the_library_imports_no_web_framework() -> None:
+    """Every module of cpp outside cpp.service imports without the ``service`` extra's packages."""
+    code = (
+        "import pkgutil, importlib, sys, cpp; "
+        "names = [m.name for m in pkgutil.walk_packages(cpp.__path__, 'cpp.') "
+        "if not m.name.startswith('cpp.service')]; "
+        "[importlib.import_module(name) for name in names]; "
+        "web = {'fastapi', 'starlette', 'uvicorn', 'python_multipart', 'pydantic_settings'}; "
+        "print(len(names), sorted(m for m in sys.modules if m.split('.')[0] in web))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, web = done.stdout.strip().split(" ", 1)
+    assert int(count) > 20 and web == "[]"
+
+
+def test_serve_without_the_service_extra_says_what_to_install() -> None:
+    code = (  # None in sys.modules: what an interpreter without the package raises on import
+        "import sys; sys.modules['fastapi'] = None; from cpp.cli import main; sys.exit(main(['serve']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "error: cpp serve needs the service extra (fastapi is not installed): pip install 'cpp[service]'\n"
+    )
+
+
 EMBED = "embed D --out S"
 FIT = "fit F --out R"
 CLUSTER = "cluster D --out r.json"

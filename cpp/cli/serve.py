@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from cpp.cli.common import number_type
+from cpp.errors import MissingExtraError
 
 #: TCP ports (0: any free port).
 PORTS = ((0, True), (65535, True))
+#: Top-level modules of the ``service`` extra.
+SERVICE_MODULES = frozenset({"fastapi", "starlette", "uvicorn", "python_multipart", "pydantic_settings"})
 
 
 def register(subparsers: Any) -> None:
@@ -36,8 +39,16 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cpp.logging import disable_progress_bars
-    from service.server import serve
-    from service.settings import Settings
+
+    try:
+        from cpp.service.server import serve
+        from cpp.service.settings import Settings
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVICE_MODULES:
+            raise
+        raise MissingExtraError(
+            f"cpp serve needs the service extra ({exc.name} is not installed): pip install 'cpp[service]'"
+        ) from None
 
     disable_progress_bars()
     settings = Settings()

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from service_testing import CountingEncoderFactory, FakePipeline
 
-from service.app import create_app
-from service.settings import Settings
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from PIL import Image
 from service_testing import CountingEncoderFactory, FakePipeline, assert_problem, wait_for, wait_status
 
 from cpp.result import ClusterResult
-from service.app import create_app
-from service.settings import Settings
-from service.store import open_store
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
+from cpp.service.store import open_store
 
 
 def body(image_root: Path, **options: object) -> dict:
@@ -221,6 +221,11 @@ def test_cheap_checks_happen_at_submission(client: TestClient, image_root: Path)
     names = ",".join(f"train-part-{i:03d}" for i in range(30))  # each name short, the pattern long
     listed = {"source": {"type": "webdataset", "path": f"{image_root}/shards/{{{names}}}.tar"}}
     assert client.post("/v1/jobs", json=listed).status_code == 202
+    for pattern, reason in [("{0000x}", "bad brace"), ("{3..1}", "empty range"), ("{00..01", "unbalanced")]:
+        bad = {"source": {"type": "webdataset", "path": f"{image_root}/shards/{pattern}.tar"}}
+        assert reason in assert_problem(client.post("/v1/jobs", json=bad), 422, "bad-source")["detail"]
+    parent = {"source": {"type": "webdataset", "path": f"{image_root}/shards/{{x,..}}/{{0..9}}.tar"}}
+    assert_problem(client.post("/v1/jobs", json=parent), 403, "path-not-allowed")
 
 
 def test_model_and_device_policy(client: TestClient, image_root: Path) -> None:

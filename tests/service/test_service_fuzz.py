@@ -22,8 +22,8 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.result import Ok
 from service_testing import CountingEncoderFactory, FakePipeline
 
-from service.app import create_app
-from service.settings import Settings
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
 
 #: Generated cases per operation, generation mode and service (two modes, two services).
 EXAMPLES = 40

@@ -12,9 +12,9 @@ import pytest
 import uvicorn
 from service_testing import CountingEncoderFactory, FakePipeline
 
-from service.app import create_app
-from service.server import server_config
-from service.settings import Settings
+from cpp.service.app import create_app
+from cpp.service.server import server_config
+from cpp.service.settings import Settings
 
 
 def _free_port() -> int:

@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from service_testing import CountingEncoderFactory, FakePipeline, wait_status
 
-from service.app import create_app
-from service.settings import Settings
-from service.store import IdempotencyConflict, JobStatus, JobStore, open_store
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
+from cpp.service.store import IdempotencyConflict, JobStatus, JobStore, open_store
 
 PG_URL = os.environ.get("CPP_TEST_DATABASE_URL")
 needs_pg = pytest.mark.skipif(

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from service_testing import CountingEncoderFactory, FakePipeline, assert_problem, wait_status
 
-from service.api.deps import key_id
-from service.app import create_app
-from service.settings import Settings
-from service.store import ANY_OWNER, open_store
+from cpp.service.api.deps import key_id
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
+from cpp.service.store import ANY_OWNER, open_store
 
 A = {"X-API-Key": "key-a"}
 B = {"Authorization": "Bearer key-b"}

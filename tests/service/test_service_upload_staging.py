@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from service_testing import CountingEncoderFactory, FakePipeline, wait_status
 from test_service_uploads import BOUNDARY, png
 
-from service.app import create_app
-from service.settings import Settings
-from service.uploads import STAGING_DIR, StagedUpload, remove_orphans
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
+from cpp.service.uploads import STAGING_DIR, StagedUpload, remove_orphans
 
 MiB = 1024 * 1024
 SERVER = textwrap.dedent(
@@ -30,8 +30,8 @@ SERVER = textwrap.dedent(
     import sys
     import uvicorn
     from service_testing import CountingEncoderFactory, FakePipeline
-    from service.app import create_app
-    from service.settings import Settings
+    from cpp.service.app import create_app
+    from cpp.service.settings import Settings
 
     app = create_app(Settings(), pipeline=FakePipeline(), encoder_factory=CountingEncoderFactory())
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

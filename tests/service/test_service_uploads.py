@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_testing import assert_problem, wait_status
 
-from service.settings import Settings
+from cpp.service.settings import Settings
 
 
 def png(size: tuple[int, int] = (8, 8), color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
@@ -244,7 +244,7 @@ def wait_assignments(client: TestClient, job_id: str) -> list[dict[str, Any]]:
 def test_file_system_refusals_become_problems(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("service.uploads.MAX_NAME_BYTES", 10_000)  # let the file system refuse instead
+    monkeypatch.setattr("cpp.service.uploads.MAX_NAME_BYTES", 10_000)  # let the file system refuse instead
     problem = assert_problem(upload(client, [("b" * 300 + ".png", png())]), 422, "bad-file-name")
     assert "File name too long" in problem["detail"] and "'bbbb" in problem["detail"]
     problem = assert_problem(

@@ -16,13 +16,13 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.result import ClusterResult
-from service.api.deps import Caller, CallerDep, Services, ServicesDep, SettingsDep, StoreDep
-from service.api.schemas import AssignmentPage, Job, JobPage, JobRequest
-from service.paths import check_request_paths, check_vocabulary_paths
-from service.problems import ApiProblem, problem_responses
-from service.store import IdempotencyConflict, JobRecord, JobStatus, JobStore
-from service.upload_form import read_upload_form
-from service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
+from cpp.service.api.deps import Caller, CallerDep, Services, ServicesDep, SettingsDep, StoreDep
+from cpp.service.api.schemas import AssignmentPage, Job, JobPage, JobRequest
+from cpp.service.paths import check_request_paths, check_vocabulary_paths
+from cpp.service.problems import ApiProblem, problem_responses
+from cpp.service.store import IdempotencyConflict, JobRecord, JobStatus, JobStore
+from cpp.service.upload_form import read_upload_form
+from cpp.service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
 
 
 class JobIdConvertor(Convertor[str]):
@@ -243,7 +243,7 @@ async def upload_job(
     job_id = uuid.uuid4().hex
     job_dir = settings.jobs_dir / job_id
     # Written into a locked staging folder, moved into place only when complete: a process killed
-    # midway leaves a folder that the next start-up removes (service.uploads.remove_orphans).
+    # midway leaves a folder that the next start-up removes (cpp.service.uploads.remove_orphans).
     staged = await run_in_threadpool(StagedUpload, settings.data_dir / STAGING_DIR, job_id)
     writer = UploadWriter(staged.folder, limits)
     try:

@@ -3,7 +3,7 @@
 uvicorn's default HTTP parser (httptools) accepts headers of any size, so the server uses h11, which
 refuses a request whose head exceeds ``CPP_MAX_HEADER_BYTES`` (uvicorn answers 400 and closes). A request
 body that stops arriving (a ``Content-Length`` larger than what is sent, a stalled upload) is ended by
-:class:`~service.app.RequestGuard` after ``CPP_BODY_TIMEOUT_S`` with 408.
+:class:`~cpp.service.app.RequestGuard` after ``CPP_BODY_TIMEOUT_S`` with 408.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.settings import Settings
+from cpp.service.app import create_app
+from cpp.service.settings import Settings
 
 
 def server_config(

@@ -6,10 +6,10 @@ import os
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import ServicesDep
-from service.api.schemas import Health
-from service.metrics import CONTENT_TYPE
-from service.problems import ApiProblem, problem_responses
+from cpp.service.api.deps import ServicesDep
+from cpp.service.api.schemas import Health
+from cpp.service.metrics import CONTENT_TYPE
+from cpp.service.problems import ApiProblem, problem_responses
 
 router = APIRouter(tags=["health"])
 

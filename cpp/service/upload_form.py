@@ -1,6 +1,6 @@
 """Reading an upload's ``multipart/form-data`` body as it streams in (python-multipart's push parser).
 
-File parts of the field ``files`` go straight to an :class:`~service.uploads.UploadWriter`, so no more
+File parts of the field ``files`` go straight to an :class:`~cpp.service.uploads.UploadWriter`, so no more
 than about a megabyte of the body is held in memory at a time; the text fields ``options`` and
 ``labels_from_folders`` are kept. The body must match its ``Content-Length`` and end with the closing
 boundary: an upload cut off midway is refused (400 ``bad-multipart``), never accepted with the parts
@@ -15,8 +15,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.problems import ApiProblem
-from service.uploads import UploadWriter
+from cpp.service.problems import ApiProblem
+from cpp.service.uploads import UploadWriter
 
 FILES = "files"
 TEXT_FIELDS = ("options", "labels_from_folders")

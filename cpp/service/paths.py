@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from cpp.errors import SourceError
 from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS, ClusterOptions, SourceSpec
-from service.problems import ApiProblem
+from cpp.service.problems import ApiProblem
+from cpp.sources import BraceGroup, parse_braces
 
 MAX_SHARDS = 100_000
 #: Longest file or folder name, and longest path, in bytes (the usual file system limits).
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4095
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
-_WILDCARD = re.compile(r"[*?\[{]")
+#: What makes a shard path a pattern: glob wildcards and brace groups.
+_PATTERN_CHARS = "*?[{}"
 
 
 def _forbidden(field: str, value: str, why: str) -> ApiProblem:
@@ -70,43 +70,31 @@ def _check_name_lengths(value: str, field: str) -> None:
             )
 
 
-def _pattern_size(pattern: str) -> int:
-    sizes = []
-    for body in _BRACE.findall(pattern):
-        numeric = _RANGE.match(body)
-        sizes.append(int(numeric.group(2)) - int(numeric.group(1)) + 1 if numeric else body.count(",") + 1)
-    return math.prod(max(size, 1) for size in sizes)
-
-
 def _check_shards(pattern: str, roots: Sequence[Path]) -> None:
-    """Check a shard pattern without expanding it: its size, no wildcards in folders, and its fixed leading
-    folder inside the roots (the job checks every shard it opens)."""
-    if _pattern_size(pattern) > MAX_SHARDS:
+    """Check a shard pattern without expanding it: its fixed leading folder inside the roots first (outside
+    is a 403 whatever the syntax), then its brace groups and size, no wildcards in folders, no ``..`` and
+    the length of the longest name it makes (the job checks every shard it opens)."""
+    first = next((i for i, ch in enumerate(pattern) if ch in _PATTERN_CHARS), None)
+    if first is None:
+        check_path(pattern, roots, "source.path", must_exist="file")
+        return
+    check_path(os.path.dirname(pattern[:first]) or "/", roots, "source.path", must_exist="dir")
+    try:
+        parts = parse_braces(pattern)
+    except SourceError as exc:
+        raise _bad_source(f"source.path: {exc}") from None
+    if math.prod(len(part) for part in parts if isinstance(part, BraceGroup)) > MAX_SHARDS:
         raise _bad_source(f"source.path {pattern!r} names over {MAX_SHARDS} shards")
     if any(ch in os.path.dirname(pattern) for ch in "*?["):
         raise _bad_source(
             f"source.path {pattern!r}: wildcards are allowed in file names only, not in folders"
         )
-    if ".." in _BRACE.sub(lambda m: "" if _RANGE.match(m.group(1)) else m.group(0), pattern):
+    # the ``..`` of a number range is no parent folder; alternatives are kept as written
+    unranged = (part if isinstance(part, str) or part.numbers is None else "" for part in parts)
+    if ".." in "".join(part if isinstance(part, str) else part.text for part in unranged):
         raise _forbidden("source.path", pattern, "'..' is not allowed in paths")
-    first = _WILDCARD.search(pattern)
-    if first is None:
-        check_path(pattern, roots, "source.path", must_exist="file")
-        return
-    fixed = os.path.dirname(pattern[: first.start()]) or "/"
-    check_path(fixed, roots, "source.path", must_exist="dir")
-    _check_name_lengths(_longest_expansion(pattern), "source.path")
-
-
-def _longest_expansion(pattern: str) -> str:
-    """``pattern`` with each brace group replaced by its longest alternative (the longest name it makes)."""
-
-    def longest(match: re.Match[str]) -> str:
-        numeric = _RANGE.match(match.group(1))
-        options = numeric.groups() if numeric else match.group(1).split(",")
-        return max(options, key=lambda option: len(option.encode("utf-8", errors="surrogatepass")))
-
-    return _BRACE.sub(longest, pattern)
+    longest = "".join(part if isinstance(part, str) else part.longest() for part in parts)
+    _check_name_lengths(longest, "source.path")
 
 
 def check_request_paths(source: SourceSpec, options: ClusterOptions, roots: Sequence[Path]) -> None:

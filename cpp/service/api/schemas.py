@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.result import Assignment
-from service.problems import Problem
-from service.store import JobRecord, JobStatus
+from cpp.service.problems import Problem
+from cpp.service.store import JobRecord, JobStatus
 
 JOB_REQUEST_EXAMPLE: dict[str, Any] = {
     "source": {"type": "folder", "path": "/data/photos", "labels_from_folders": False},

@@ -14,14 +14,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cpp
 from cpp.logging import disable_progress_bars, get_logger
-from service.api.deps import Services, require_api_key
-from service.api.routes import health, jobs
-from service.metrics import ServiceMetrics
-from service.problems import PROBLEM_JSON, Problem, install_problem_handlers
-from service.settings import Settings
-from service.store import JobStatus, open_store
-from service.uploads import STAGING_DIR, remove_orphans
-from service.worker import EncoderFactory, Pipeline, Worker, library_encoder_factory, library_pipeline
+from cpp.service.api.deps import Services, require_api_key
+from cpp.service.api.routes import health, jobs
+from cpp.service.metrics import ServiceMetrics
+from cpp.service.problems import PROBLEM_JSON, Problem, install_problem_handlers
+from cpp.service.settings import Settings
+from cpp.service.store import JobStatus, open_store
+from cpp.service.uploads import STAGING_DIR, remove_orphans
+from cpp.service.worker import EncoderFactory, Pipeline, Worker, library_encoder_factory, library_pipeline
 
 log = get_logger("service")
 

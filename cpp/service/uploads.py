@@ -37,8 +37,8 @@ from typing import IO
 from PIL import Image, UnidentifiedImageError
 
 from cpp.logging import get_logger
+from cpp.service.problems import ApiProblem
 from cpp.sources import IMAGE_EXTENSIONS
-from service.problems import ApiProblem
 
 log = get_logger("service")
 

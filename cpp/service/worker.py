@@ -25,10 +25,10 @@ from cpp.logging import get_logger
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.progress import Cancelled, ProgressEvent, RunControl
 from cpp.result import Assignment, ClusterResult
+from cpp.service.store import JobRecord, JobStatus, JobStore
 from cpp.sources import Roots, confine_roots
-from service.store import JobRecord, JobStatus, JobStore
 
-log = get_logger("service.worker")
+log = get_logger("cpp.service.worker")
 
 EncoderFactory = Callable[[str, str], Encoder]
 FinishCallback = Callable[[JobStatus, float], None]

@@ -10,11 +10,11 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.metrics import ServiceMetrics
-from service.problems import ApiProblem
-from service.settings import Settings
-from service.store import ANY_OWNER, JobStore, Owner
-from service.worker import Pipeline, Worker
+from cpp.service.metrics import ServiceMetrics
+from cpp.service.problems import ApiProblem
+from cpp.service.settings import Settings
+from cpp.service.store import ANY_OWNER, JobStore, Owner
+from cpp.service.worker import Pipeline, Worker
 
 
 @dataclass

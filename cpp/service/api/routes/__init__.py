@@ -1,0 +1,1 @@
+"""Route modules, one router each, mounted by :func:`cpp.service.app.create_app`."""
