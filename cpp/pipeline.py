@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cpp import clustering
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.engines import EmbedEngine
@@ -53,17 +54,18 @@ from cpp.vocab import SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
 
 log = get_logger("pipeline")
 
-RESULT_FILE = "result.json"
-ASSIGNMENTS_FILE = "assignments.jsonl"
-ASSIGNMENTS_INDEX = "assignments.idx.npy"
-FEATURES_DIR = "features"
-HEAD_DIR = "head"
+RESULT_FILE = clustering.RESULT_FILE
+ASSIGNMENTS_FILE = clustering.ASSIGNMENTS_FILE
+FEATURES_DIR = clustering.FEATURES_DIR
+HEAD_DIR = clustering.HEAD_DIR
 LABELS_DIR = "labels"
 HEAD_KEY_FILE = "key.json"
 #: Above this many images, assignments go to ``assignments.jsonl`` instead of ``result.json``.
 INLINE_ASSIGNMENTS_MAX = 10_000
 MIN_IMAGES = 6
 REPRESENTATIVES = 5
+#: Members below this quantile of their own-subspace energy mark the novelty threshold (cpp.clustering).
+NOVELTY_QUANTILE = 0.05
 #: Below this many images the features are clustered directly, without a head (see the module docstring).
 SMALL_N = 256
 
@@ -168,30 +170,6 @@ def _assignment_dicts(
         }
         for i, row in enumerate(rows)
     )
-
-
-def _write_assignments(work_dir: Path, assignments: Iterator[dict[str, Any]], n: int) -> None:
-    """JSONL of the ``n`` assignments and an index of each line's byte offset, both written atomically."""
-    offsets = np.empty(n + 1, dtype=np.int64)
-    partial = work_dir / f"{ASSIGNMENTS_FILE}.tmp"
-    with partial.open("wb") as out:
-        position = 0
-        for i, record in enumerate(assignments):
-            offsets[i] = position
-            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-            out.write(line)
-            position += len(line)
-        offsets[-1] = position
-    index_partial = work_dir / f"{ASSIGNMENTS_INDEX}.tmp.npy"
-    np.save(index_partial, offsets)
-    os.replace(partial, work_dir / ASSIGNMENTS_FILE)
-    os.replace(index_partial, work_dir / ASSIGNMENTS_INDEX)
-
-
-def _write_result(path: Path, result: ClusterResult) -> None:
-    partial = path.with_name(f"{path.name}.tmp")
-    partial.write_text(result.model_dump_json(indent=1), encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: Path, roots: Roots) -> None:
@@ -335,7 +313,7 @@ def run_cluster(
     )
     inline = n <= INLINE_ASSIGNMENTS_MAX
     if not inline:
-        _write_assignments(work_dir, assignments, n)
+        clustering.write_assignments(work_dir, assignments, n)
     timings["total"] = time.perf_counter() - started
 
     fit_info: dict[str, Any] = {}
@@ -365,13 +343,36 @@ def run_cluster(
             device=str(fitted.device if fitted is not None else encoder.device),
             seed=options.seed,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            work_dir=str(work_dir.resolve()),
         ),
         clusters=clusters,
         assignments=[Assignment.model_validate(a) for a in assignments] if inline else None,
         assignments_file=None if inline else ASSIGNMENTS_FILE,
         metrics=_metrics(store.iter_rows(), found.labels),
     )
-    _write_result(work_dir / RESULT_FILE, result)
+    clustering.create(
+        work_dir,
+        manifest=clustering.Manifest(
+            id=clustering.new_id(),
+            created_at=result.run.created_at,
+            model=options.model,
+            encoder=result.run.encoder,
+            options=options.model_dump(mode="json"),
+            source=result.run.source,
+            space="raw" if fitted is None else "head",
+            head=None if fitted is None else HEAD_DIR,
+            novelty=clustering.calibrate_novelty(found.fit, NOVELTY_QUANTILE),
+            members=n,
+        ),
+        readout=clustering.ReadoutModel(
+            centers=found.centers,
+            bases=found.bases,
+            labels=found.labels,
+            confidence=found.confidence,
+            fit=found.fit,
+        ),
+        result=result,
+    )
     return result
 
 
@@ -391,19 +392,7 @@ def read_assignments(
     """One page of per-image assignments of the result in ``work_dir``, and the total count."""
     if offset < 0 or limit < 0:
         raise ValueError("offset and limit must be non-negative")
-    work_dir = Path(work_dir)
-    result = load_result(work_dir)
-    if result.assignments is not None:
-        return result.assignments[offset : offset + limit], len(result.assignments)
-    offsets = np.load(work_dir / ASSIGNMENTS_INDEX, mmap_mode="r")
-    total = len(offsets) - 1
-    stop = min(offset + limit, total)
-    if offset >= stop:
-        return [], total
-    with (work_dir / (result.assignments_file or ASSIGNMENTS_FILE)).open("rb") as handle:
-        handle.seek(int(offsets[offset]))
-        data = handle.read(int(offsets[stop]) - int(offsets[offset]))
-    return [Assignment.model_validate_json(line) for line in data.splitlines()], total
+    return clustering.read_assignments(work_dir, load_result(work_dir), offset=offset, limit=limit)
 
 
 def runs_dir() -> Path:

@@ -54,6 +54,7 @@ class Readout:
     bases: np.ndarray  # (K, z_dim, r) orthonormal columns (zero columns for clusters with < r members)
     k_selection: KSelection
     representatives: list[np.ndarray]  # per cluster, row indices of the members nearest its centre
+    fit: np.ndarray  # (N,) float32 energy of each sample in its own cluster's subspace (1 = inside it)
     z: np.ndarray | None  # (N, z_dim) the subspace features, kept when every row was clustered in memory
 
 
@@ -139,6 +140,7 @@ class _Assigner:
         self.count = count
         self.labels = np.empty(n, dtype=np.int64)
         self.margin = np.empty(n, dtype=np.float32)
+        self.fit = np.empty(n, dtype=np.float32)
         self.sums = torch.zeros(self.k, self.d, dtype=torch.float64)
         self._best_rows = np.zeros(0, dtype=np.int64)
         self._best_labels = np.zeros(0, dtype=np.int64)
@@ -151,6 +153,7 @@ class _Assigner:
         second = top.values[:, 1] if self.k > 1 else torch.zeros(len(chunk))
         self.labels[start : start + len(z)] = labels
         self.margin[start : start + len(z)] = (top.values[:, 0] - second).clamp(0, 1).numpy()
+        self.fit[start : start + len(z)] = top.values[:, 0].numpy()
         self.sums.index_add_(0, top.indices[:, 0], chunk.double())
         if self.count == 0:
             return
@@ -174,13 +177,15 @@ def _nearest_per_cluster(labels: np.ndarray, closeness: np.ndarray, count: int) 
     return order[np.arange(len(order)) - first < count]
 
 
-def _own_margin(z: np.ndarray, bases: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Score of each row's own cluster minus its best other cluster, clipped to [0, 1]."""
+def _own_scores(z: np.ndarray, bases: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's energy in its own cluster's subspace, and that minus its best other cluster's, clipped to
+    [0, 1] (the confidence)."""
     scores = subspace_scores(torch.from_numpy(z), torch.from_numpy(bases))
     own = scores.gather(1, torch.from_numpy(labels)[:, None])[:, 0]
     others = scores.scatter(1, torch.from_numpy(labels)[:, None], float("-inf"))
     best_other = others.max(1).values if scores.shape[1] > 1 else torch.zeros_like(own)
-    return (own - best_other).clamp(0, 1).numpy().astype(np.float32)
+    margin = (own - best_other).clamp(0, 1).numpy().astype(np.float32)
+    return own.numpy().astype(np.float32), margin
 
 
 def candidate_ks(n: int) -> list[int]:
@@ -259,8 +264,8 @@ def readout(
             land_labels, np.einsum("nd,nd->n", z_land, centers[land_labels]), representatives
         )
         reps = [nearest[land_labels[nearest] == j] for j in range(k_final)]
-        confidence = _own_margin(z_land, bases, land_labels)
-        return Readout(land_labels, confidence, centers, bases, selection, reps, z_land)
+        fit, confidence = _own_scores(z_land, bases, land_labels)
+        return Readout(land_labels, confidence, centers, bases, selection, reps, fit, z_land)
     land_sums = np.zeros((k_final, z_land.shape[1]))
     np.add.at(land_sums, land_labels, z_land.astype(np.float64))
     assigner = _Assigner(n, bases, normalize_rows(land_sums.astype(np.float32)), representatives)
@@ -271,7 +276,14 @@ def readout(
             stage.advance(len(z_block))
     centers = normalize_rows(assigner.sums.numpy().astype(np.float32))
     return Readout(
-        assigner.labels, assigner.margin, centers, bases, selection, assigner.representatives(), None
+        assigner.labels,
+        assigner.margin,
+        centers,
+        bases,
+        selection,
+        assigner.representatives(),
+        assigner.fit,
+        None,
     )
 
 
@@ -329,12 +341,15 @@ def direct_readout(
     )
     rank = max(1, min(8, x.shape[1] // k))
     nearest = _nearest_per_cluster(labels, own, representatives)
+    x = x.astype(np.float32)
+    bases = cluster_bases(x, labels, k, rank)
     return Readout(
         labels=labels,
         confidence=np.clip(own - second, 0, 1).astype(np.float32),
         centers=centers,
-        bases=cluster_bases(x, labels, k, rank),
+        bases=bases,
         k_selection=selection,
         representatives=[nearest[labels[nearest] == j] for j in range(k)],
-        z=x.astype(np.float32),
+        fit=_own_scores(x, bases, labels)[0],
+        z=x,
     )

@@ -49,6 +49,9 @@ class RunInfo(BaseModel):
     device: str = "cpu"
     seed: int = 0
     created_at: str
+    work_dir: str | None = Field(
+        default=None, description="The work directory (the clustering) that holds this run's files."
+    )
 
 
 class NameScore(BaseModel):
@@ -78,6 +81,15 @@ class Assignment(BaseModel):
     true_label: str | None = Field(default=None, description="Ground truth from the source, when known.")
 
 
+class Edit(BaseModel):
+    """One curation step of a clustering's edit log (:mod:`cpp.clustering`)."""
+
+    op: Literal["rename", "merge", "move", "split", "outlier", "restore", "update"]
+    args: dict[str, Any] = Field(default_factory=dict, description="The step's arguments, as requested.")
+    revision: int = Field(default=0, description="The revision this step produced.")
+    at: str = Field(default="", description="When it was made (ISO 8601, UTC).")
+
+
 class ClusterResult(BaseModel):
     """The labeled clustering of one collection."""
 
@@ -92,6 +104,12 @@ class ClusterResult(BaseModel):
     )
     metrics: dict[str, float] | None = Field(
         default=None, description="ACC/NMI/ARI against ground-truth labels, when the source has them."
+    )
+    revision: int = Field(
+        default=0, description="The clustering's revision this result shows (0 = as fitted)."
+    )
+    edits: list[Edit] = Field(
+        default_factory=list, description="The edits that made this revision, oldest first."
     )
 
 

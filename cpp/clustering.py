@@ -1,0 +1,362 @@
+"""The clustering artifact: a finished run, reopened to assign new images, browse, edit and export it.
+
+A clustering is the work directory of a run (``cpp cluster``'s ``--work-dir``, or a service job's folder)::
+
+    clustering.json          Manifest: schema version, id, the encoder (spec and description, which includes
+                             its preprocessing), the options, the source, the space the readout lives in
+                             ("head" or "raw"), the novelty calibration, and the file names below
+    features/                the feature store it was fitted on (cpp.store)
+    head/                    the fitted head (absent when the collection was clustered without one)
+    readout.npz              the readout of revision 0: per cluster ``centers`` (K, d) and subspace ``bases``
+                             (K, d, r); per member ``labels``, ``confidence`` (score margin) and ``fit``
+                             (energy in its own cluster's subspace), in store row order
+    revisions/<n>.json       revision n: its clusters (names, sizes, representatives) and the edit making it
+    revisions/<n>.labels.npy revision n's cluster of every member (store row order; -1 = marked outlier)
+    result.json              the result of the newest revision (``revision`` and ``edits`` included)
+    assignments.jsonl        per-image assignments of the newest revision, when there are too many to inline
+
+Revisions are append-only: an edit writes revision n + 1 (labels first, then its JSON, which commits it)
+and rewrites the result; restoring revision m writes a new revision with m's state. The newest revision is
+the highest-numbered JSON file. Readers never see a half-written revision: files appear by atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from cpp.errors import CppError
+from cpp.result import Assignment, Cluster, ClusterResult, Edit
+
+MANIFEST_FILE = "clustering.json"
+READOUT_FILE = "readout.npz"
+REVISIONS_DIR = "revisions"
+RESULT_FILE = "result.json"
+ASSIGNMENTS_FILE = "assignments.jsonl"
+ASSIGNMENTS_INDEX = "assignments.idx.npy"
+FEATURES_DIR = "features"
+HEAD_DIR = "head"
+MANIFEST_VERSION = "1"
+#: Label of a member marked as an outlier (it belongs to no cluster).
+OUTLIER = -1
+
+
+class ClusteringError(CppError):
+    """A path is not a clustering, or a clustering's files are damaged."""
+
+
+class Novelty(BaseModel):
+    """Label-free novelty calibration: an image whose ``score`` falls below ``threshold`` fits no cluster.
+
+    ``threshold`` is the ``quantile`` of the clustering's own members' scores, measured when it was built.
+    """
+
+    score: Literal["fit"] = Field(
+        default="fit", description="Energy of the image in its nearest cluster's subspace (1 = inside it)."
+    )
+    quantile: float = Field(ge=0.0, le=1.0)
+    threshold: float
+
+
+class Manifest(BaseModel):
+    """``clustering.json``: what a clustering is made of, enough to reuse it on new images."""
+
+    schema_version: str = MANIFEST_VERSION
+    id: str
+    created_at: str
+    model: str = Field(description="Encoder spec, as `--model` takes it.")
+    encoder: dict[str, Any] = Field(description="The encoder's description, preprocessing included.")
+    options: dict[str, Any] = Field(description="The ClusterOptions of the run.")
+    source: dict[str, Any] = Field(default_factory=dict)
+    space: Literal["head", "raw"] = Field(
+        description="Where centres and bases live: the head's Z, or the unit encoder features."
+    )
+    features: str = FEATURES_DIR
+    head: str | None = HEAD_DIR
+    readout: str = READOUT_FILE
+    novelty: Novelty
+    members: int = Field(description="Rows of the feature store the clustering covers.")
+
+
+class Revision(BaseModel):
+    """One state of the clusters; ``edit`` is what produced it from ``parent`` (None for revision 0)."""
+
+    revision: int
+    parent: int | None = None
+    created_at: str
+    edit: Edit | None = None
+    clusters: list[Cluster]
+
+
+class ReadoutModel(BaseModel, arbitrary_types_allowed=True):
+    """The arrays of ``readout.npz`` (see the module docstring)."""
+
+    centers: np.ndarray
+    bases: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    fit: np.ndarray
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    partial = path.with_name(f"{path.name}.tmp.npy")
+    np.save(partial, array)
+    os.replace(partial, path)
+
+
+def calibrate_novelty(fit: np.ndarray, quantile: float) -> Novelty:
+    """The ``quantile`` of the members' own-subspace energies: members below it are the least typical."""
+    threshold = float(np.quantile(fit, quantile)) if len(fit) else 0.0
+    return Novelty(quantile=quantile, threshold=round(threshold, 6))
+
+
+def write_assignments(work_dir: Path, assignments: Iterator[dict[str, Any]], n: int) -> None:
+    """JSONL of the ``n`` assignments and an index of each line's byte offset, both written atomically."""
+    offsets = np.empty(n + 1, dtype=np.int64)
+    partial = work_dir / f"{ASSIGNMENTS_FILE}.tmp"
+    with partial.open("wb") as out:
+        position = 0
+        for i, record in enumerate(assignments):
+            offsets[i] = position
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+            out.write(line)
+            position += len(line)
+        offsets[-1] = position
+    index_partial = work_dir / f"{ASSIGNMENTS_INDEX}.tmp.npy"
+    np.save(index_partial, offsets)
+    os.replace(partial, work_dir / ASSIGNMENTS_FILE)
+    os.replace(index_partial, work_dir / ASSIGNMENTS_INDEX)
+
+
+def read_assignments(
+    work_dir: str | Path, result: ClusterResult, *, offset: int = 0, limit: int = 100
+) -> tuple[list[Assignment], int]:
+    """One page of ``result``'s per-image assignments (inline or in its JSONL file), and the total count."""
+    if offset < 0 or limit < 0:
+        raise ClusteringError("offset and limit must be non-negative")
+    if result.assignments is not None:
+        return result.assignments[offset : offset + limit], len(result.assignments)
+    work_dir = Path(work_dir)
+    offsets = np.load(work_dir / ASSIGNMENTS_INDEX, mmap_mode="r")
+    total = len(offsets) - 1
+    stop = min(offset + limit, total)
+    if offset >= stop:
+        return [], total
+    with (work_dir / (result.assignments_file or ASSIGNMENTS_FILE)).open("rb") as handle:
+        handle.seek(int(offsets[offset]))
+        data = handle.read(int(offsets[stop]) - int(offsets[offset]))
+    return [Assignment.model_validate_json(line) for line in data.splitlines()], total
+
+
+def _iter_assignments(work_dir: Path, result: ClusterResult) -> Iterator[Assignment]:
+    if result.assignments is not None:
+        yield from result.assignments
+        return
+    with (work_dir / (result.assignments_file or ASSIGNMENTS_FILE)).open("rb") as handle:
+        for line in handle:
+            yield Assignment.model_validate_json(line)
+
+
+def create(
+    work_dir: str | Path,
+    *,
+    manifest: Manifest,
+    readout: ReadoutModel,
+    result: ClusterResult,
+) -> Clustering:
+    """Write the artifact files of a finished run (manifest, readout, revision 0, result) into ``work_dir``.
+
+    The per-image assignments of ``result`` must already be inline or in ``work_dir``'s JSONL file.
+    Rerunning a clustering in the same directory starts its revisions again from 0.
+    """
+    work_dir = Path(work_dir)
+    revisions = work_dir / REVISIONS_DIR
+    revisions.mkdir(parents=True, exist_ok=True)
+    for stale in revisions.iterdir():
+        stale.unlink()
+    partial = work_dir / f"{READOUT_FILE}.tmp.npz"
+    np.savez(partial, **{name: getattr(readout, name) for name in ReadoutModel.model_fields})
+    os.replace(partial, work_dir / READOUT_FILE)
+    _atomic_save_npy(revisions / "0.labels.npy", readout.labels.astype(np.int64))
+    zero = Revision(revision=0, created_at=manifest.created_at, clusters=result.clusters)
+    _atomic_write_text(revisions / "0.json", zero.model_dump_json(indent=1))
+    _atomic_write_text(work_dir / MANIFEST_FILE, manifest.model_dump_json(indent=1))
+    _atomic_write_text(work_dir / RESULT_FILE, result.model_dump_json(indent=1))
+    return Clustering(work_dir, manifest)
+
+
+def new_id() -> str:
+    """A fresh clustering id."""
+    return uuid.uuid4().hex
+
+
+def _directory_of(path: Path) -> Path:
+    """The clustering directory named by ``path``: the directory itself, or the one a result JSON names."""
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if (path.parent / MANIFEST_FILE).is_file():
+            return path.parent
+        try:
+            result = ClusterResult.model_validate_json(path.read_text(encoding="utf-8"))
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise ClusteringError(f"{path} is not a cpp result JSON: {exc.__class__.__name__}") from exc
+        if result.run.work_dir:
+            return Path(result.run.work_dir)
+        raise ClusteringError(
+            f"{path} does not say which work directory made it (older result): pass the work directory"
+        )
+    raise ClusteringError(f"{path} does not exist: pass a `cpp cluster` work directory or its result JSON")
+
+
+def open(path: str | Path) -> Clustering:
+    """The clustering at ``path``: a ``cpp cluster`` work directory, a job's folder, or a result JSON."""
+    directory = _directory_of(Path(path))
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ClusteringError(
+            f"{directory} is not a finished clustering ({MANIFEST_FILE} is missing): run `cpp cluster` "
+            "with this work directory, or wait for the job to finish"
+        )
+    try:
+        manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise ClusteringError(
+            f"{manifest_path} is damaged ({exc.__class__.__name__}); rerun `cpp cluster` in {directory}"
+        ) from exc
+    if manifest.schema_version != MANIFEST_VERSION:
+        raise ClusteringError(
+            f"{manifest_path} has schema version {manifest.schema_version}, this cpp reads "
+            f"{MANIFEST_VERSION}: rerun `cpp cluster` in {directory}"
+        )
+    return Clustering(directory, manifest)
+
+
+class Clustering:
+    """An opened clustering directory (see the module docstring); :func:`open` makes one."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    def revisions(self) -> list[int]:
+        """Committed revision numbers, oldest first."""
+        numbers = (
+            int(p.name.removesuffix(".json"))
+            for p in (self.path / REVISIONS_DIR).glob("*.json")
+            if p.name.removesuffix(".json").isdigit()
+        )
+        return sorted(numbers)
+
+    @property
+    def revision(self) -> int:
+        """The newest revision."""
+        found = self.revisions()
+        if not found:
+            raise ClusteringError(f"{self.path / REVISIONS_DIR} holds no revision: rerun `cpp cluster`")
+        return found[-1]
+
+    def state(self, revision: int | None = None) -> Revision:
+        """Revision ``revision`` (default: the newest)."""
+        number = self.revision if revision is None else revision
+        path = self.path / REVISIONS_DIR / f"{number}.json"
+        if not path.is_file():
+            raise ClusteringError(f"revision {number} does not exist; revisions are {self.revisions()}")
+        return Revision.model_validate_json(path.read_text(encoding="utf-8"))
+
+    def labels(self, revision: int | None = None) -> np.ndarray:
+        """Every member's cluster in ``revision`` (store row order; :data:`OUTLIER` for outliers)."""
+        number = self.revision if revision is None else revision
+        return np.load(self.path / REVISIONS_DIR / f"{number}.labels.npy")
+
+    def edits(self) -> list[Edit]:
+        """The edit log: what made every revision after 0, oldest first."""
+        return [edit for n in self.revisions() if (edit := self.state(n).edit) is not None]
+
+    def result(self) -> ClusterResult:
+        """The result of the newest revision."""
+        return ClusterResult.model_validate_json((self.path / RESULT_FILE).read_text(encoding="utf-8"))
+
+    def assignments(self, *, offset: int = 0, limit: int = 100) -> tuple[list[Assignment], int]:
+        """One page of the newest revision's per-image assignments, and the total count."""
+        return read_assignments(self.path, self.result(), offset=offset, limit=limit)
+
+    def readout(self) -> ReadoutModel:
+        """Centres, bases and the members' revision-0 labels, confidences and fits."""
+        with np.load(self.path / self.manifest.readout) as data:
+            return ReadoutModel(**{name: data[name] for name in ReadoutModel.model_fields})
+
+    def commit(self, labels: np.ndarray, clusters: Sequence[Cluster], edit: Edit) -> int:
+        """Write the next revision (members' ``labels``, the ``clusters``, the ``edit`` that made them) and
+        rewrite the result to it; returns the new revision number.
+
+        ``clusters`` are the new revision's clusters with ids 0..K-1; ``labels`` must use those ids (or
+        :data:`OUTLIER`) for every member.
+        """
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (self.manifest.members,):
+            raise ClusteringError(
+                f"a revision labels all {self.manifest.members} members, got {labels.shape}"
+            )
+        if [c.id for c in clusters] != list(range(len(clusters))):
+            raise ClusteringError("a revision's clusters must have ids 0..K-1 in order")
+        if labels.size and (labels.max() >= len(clusters) or labels.min() < OUTLIER):
+            raise ClusteringError("a revision's labels must be cluster ids or OUTLIER")
+        parent = self.revision
+        number = parent + 1
+        edit = edit.model_copy(update={"revision": number, "at": edit.at or _now()})
+        revisions = self.path / REVISIONS_DIR
+        _atomic_save_npy(revisions / f"{number}.labels.npy", labels)
+        state = Revision(
+            revision=number, parent=parent, created_at=_now(), edit=edit, clusters=list(clusters)
+        )
+        _atomic_write_text(revisions / f"{number}.json", state.model_dump_json(indent=1))
+        self._rewrite_result(labels, list(clusters))
+        return number
+
+    def restore(self, revision: int) -> int:
+        """A new revision with ``revision``'s state; returns its number."""
+        old = self.state(revision)
+        return self.commit(
+            self.labels(revision), old.clusters, Edit(op="restore", args={"revision": revision})
+        )
+
+    def _rewrite_result(self, labels: np.ndarray, clusters: list[Cluster]) -> None:
+        """The result of the newest revision: its clusters, the edits, and every assignment's cluster."""
+        result = self.result()
+        cluster_of = labels.tolist()
+
+        def revised() -> Iterator[dict[str, Any]]:
+            for i, assignment in enumerate(_iter_assignments(self.path, result)):
+                yield assignment.model_copy(update={"cluster": cluster_of[i]}).model_dump()
+
+        updated = {"clusters": clusters, "revision": self.revision, "edits": self.edits()}
+        if result.assignments is not None:
+            updated["assignments"] = [Assignment.model_validate(a) for a in revised()]
+        else:
+            write_assignments(self.path, revised(), len(labels))
+        _atomic_write_text(
+            self.path / RESULT_FILE, result.model_copy(update=updated).model_dump_json(indent=1)
+        )
