@@ -60,6 +60,21 @@ class ClusterOptions(BaseModel):
     device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu' or 'cuda[:N]'")
 
 
+class AssignOptions(BaseModel):
+    """How to assign new images to an existing clustering (``cpp assign``, ``POST .../assignments``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    novelty_quantile: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="novel below this quantile of the members' own fit (None: the clustering's calibration)",
+    )
+    batch_size: int = Field(default=64, ge=1, le=4096, description="embedding batch size")
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu' or 'cuda[:N]'")
+
+
 class EmbedOptions(BaseModel):
     """How ``cpp embed`` stores features (its batch size is :attr:`ClusterOptions.batch_size`)."""
 

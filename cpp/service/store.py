@@ -8,6 +8,11 @@ nothing. SQLite serves one process, which re-queues its own running jobs at star
 Every job has an ``owner``: the id of the API key that created it (never the key itself), or NULL when the
 service runs without keys. Reads that take an ``owner`` see only that owner's jobs (``ANY_OWNER``: all of
 them, for workers and admin keys); idempotency keys are scoped to their owner.
+
+Every job has a ``kind``: ``cluster`` (``/v1/jobs``: cluster a collection, which makes a clustering) or
+``assign`` (assign new images to the clustering of a finished cluster job, its ``parent``). Reads, cancels and
+deletes address cluster jobs unless given another ``kind`` (``None``: any); workers claim every kind.
+Deleting a cluster job deletes its assignment jobs too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ class JobStatus(str, Enum):
 
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class JobKind(str, Enum):
+    cluster = "cluster"
+    assign = "assign"
 
 
 class _AnyOwner:
@@ -72,6 +82,8 @@ class JobRecord:
     idempotency_key: str | None
     request_hash: str
     owner: str | None
+    kind: JobKind = JobKind.cluster
+    parent: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -95,6 +107,8 @@ class JobRecord:
             idempotency_key=_unscoped(r["idempotency_key"]),
             request_hash=r["request_hash"],
             owner=r["owner"],
+            kind=JobKind(r["kind"]),
+            parent=r["parent"],
         )
 
 
@@ -117,13 +131,22 @@ _SCHEMA = (
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         idempotency_key TEXT UNIQUE,
         request_hash TEXT NOT NULL,
-        owner TEXT
+        owner TEXT,
+        kind TEXT NOT NULL DEFAULT 'cluster',
+        parent TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at)",
 )
 #: Columns added after the first release: (name, ALTER statement), applied to older databases at start-up.
-_ADDED_COLUMNS = (("owner", "ALTER TABLE jobs ADD COLUMN owner TEXT"),)
-_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at)",)
+_ADDED_COLUMNS = (
+    ("owner", "ALTER TABLE jobs ADD COLUMN owner TEXT"),
+    ("kind", "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'cluster'"),
+    ("parent", "ALTER TABLE jobs ADD COLUMN parent TEXT"),
+)
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_parent_created ON jobs (parent, created_at)",
+)
 _SCOPE = "\x1f"
 
 
@@ -143,6 +166,11 @@ def _owner_clause(owner: Owner) -> tuple[str, list[Any]]:
     if owner is None:
         return "owner IS NULL", []
     return "owner = ?", [owner]
+
+
+def _kind_clause(kind: JobKind | None) -> tuple[str, list[Any]]:
+    """SQL condition (with its parameters) restricting rows to ``kind`` (None: any kind)."""
+    return ("1 = 1", []) if kind is None else ("kind = ?", [kind.value])
 
 
 _ACTIVE = "('queued', 'running')"
@@ -197,17 +225,20 @@ class JobStore(ABC):
         request_hash: str,
         idempotency_key: str | None = None,
         owner: str | None = None,
+        kind: JobKind = JobKind.cluster,
+        parent: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Insert a queued job of ``owner``; with an ``idempotency_key`` this owner used before, return that
-        job instead (``created`` False).
+        """Insert a queued job of ``owner`` (an assignment job names its cluster job as ``parent``); with an
+        ``idempotency_key`` this owner used before, return that job instead (``created`` False).
 
-        Raises :class:`IdempotencyConflict` when the key was used with another request.
+        Raises :class:`IdempotencyConflict` when the key was used with another request (or another kind).
         """
         now = time.time()
         scoped = _scoped(owner, idempotency_key)
         rows = self._query(
             "INSERT INTO jobs (id, status, source, options, device, created_at, updated_at, "
-            "idempotency_key, request_hash, owner) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) "
+            "idempotency_key, request_hash, owner, kind, parent) "
+            "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
             (
                 job_id,
@@ -219,6 +250,8 @@ class JobStore(ABC):
                 scoped,
                 request_hash,
                 owner,
+                kind.value,
+                parent,
             ),
         )
         if rows:
@@ -233,24 +266,42 @@ class JobStore(ABC):
                 request_hash=request_hash,
                 idempotency_key=idempotency_key,
                 owner=owner,
+                kind=kind,
+                parent=parent,
             )
         job = JobRecord.from_row(existing[0])
-        if job.request_hash != request_hash:
+        if job.request_hash != request_hash or job.kind is not kind or job.parent != parent:
             raise IdempotencyConflict(idempotency_key)
         return job, False
 
-    def get(self, job_id: str, owner: Owner = ANY_OWNER) -> JobRecord | None:
-        """The job ``job_id`` if ``owner`` may see it."""
+    def get(
+        self, job_id: str, owner: Owner = ANY_OWNER, *, kind: JobKind | None = JobKind.cluster
+    ) -> JobRecord | None:
+        """The job ``job_id`` if ``owner`` may see it and it is of ``kind``."""
         clause, params = _owner_clause(owner)
-        rows = self._query(f"SELECT * FROM jobs WHERE id = ? AND {clause}", (job_id, *params))
+        kind_clause, kind_params = _kind_clause(kind)
+        rows = self._query(
+            f"SELECT * FROM jobs WHERE id = ? AND {clause} AND {kind_clause}", (job_id, *params, *kind_params)
+        )
         return JobRecord.from_row(rows[0]) if rows else None
 
     def list_jobs(
-        self, *, status: JobStatus | None = None, offset: int = 0, limit: int = 50, owner: Owner = ANY_OWNER
+        self,
+        *,
+        status: JobStatus | None = None,
+        offset: int = 0,
+        limit: int = 50,
+        owner: Owner = ANY_OWNER,
+        kind: JobKind | None = JobKind.cluster,
+        parent: str | None = None,
     ) -> tuple[list[JobRecord], int]:
-        """A page of ``owner``'s jobs, newest first, and the total matching."""
+        """A page of ``owner``'s jobs of ``kind`` (with ``parent``: only its children), newest first, and
+        the total matching."""
         clause, params = _owner_clause(owner)
-        where = f"WHERE {clause}"
+        kind_clause, kind_params = _kind_clause(kind)
+        where, params = f"WHERE {clause} AND {kind_clause}", [*params, *kind_params]
+        if parent is not None:
+            where, params = f"{where} AND parent = ?", [*params, parent]
         if status:
             where, params = f"{where} AND status = ?", [*params, status.value]
         total = self._query(f"SELECT COUNT(*) AS n FROM jobs {where}", params)[0]
@@ -333,22 +384,33 @@ class JobStore(ABC):
             (time.time(),),
         )
 
-    def request_cancel(self, job_id: str, owner: Owner = ANY_OWNER) -> JobRecord | None:
+    def request_cancel(
+        self, job_id: str, owner: Owner = ANY_OWNER, *, kind: JobKind | None = JobKind.cluster
+    ) -> JobRecord | None:
         """Cancel a queued job now, or flag a running one; returns the job (None if unknown to ``owner``)."""
         now = time.time()
         clause, params = _owner_clause(owner)
+        kind_clause, kind_params = _kind_clause(kind)
         rows = self._query(
             "UPDATE jobs SET cancel_requested = 1, updated_at = ?, "
             "finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END, "
             "status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END "
-            f"WHERE id = ? AND status IN {_ACTIVE} AND {clause} RETURNING *",
-            (now, now, job_id, *params),
+            f"WHERE id = ? AND status IN {_ACTIVE} AND {clause} AND {kind_clause} RETURNING *",
+            (now, now, job_id, *params, *kind_params),
         )
-        return JobRecord.from_row(rows[0]) if rows else self.get(job_id, owner)
+        return JobRecord.from_row(rows[0]) if rows else self.get(job_id, owner, kind=kind)
 
-    def delete(self, job_id: str, owner: Owner = ANY_OWNER) -> bool:
+    def delete(
+        self, job_id: str, owner: Owner = ANY_OWNER, *, kind: JobKind | None = JobKind.cluster
+    ) -> bool:
+        """Delete the job and the jobs it is the parent of; False when ``owner`` has no such job."""
         clause, params = _owner_clause(owner)
-        return self._rowcount(f"DELETE FROM jobs WHERE id = ? AND {clause}", (job_id, *params)) == 1
+        kind_clause, kind_params = _kind_clause(kind)
+        sql = f"DELETE FROM jobs WHERE id = ? AND {clause} AND {kind_clause}"
+        deleted = self._rowcount(sql, (job_id, *params, *kind_params)) == 1
+        if deleted:
+            self._rowcount("DELETE FROM jobs WHERE parent = ?", (job_id,))
+        return deleted
 
 
 class SqliteJobStore(JobStore):

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cpp.options import ClusterOptions, SourceSpec
+from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.result import Assignment
 from cpp.service.problems import Problem
 from cpp.service.store import JobRecord, JobStatus
@@ -135,3 +135,114 @@ class AssignmentPage(BaseModel):
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     checks: dict[str, str] = Field(default_factory=dict, examples=[{"database": "ok", "workers": "1 alive"}])
+
+
+class ClusterSummary(BaseModel):
+    """One cluster of a clustering's newest revision."""
+
+    id: int
+    name: str
+    size: int
+    uncertain: bool
+    representatives: list[str] = Field(default_factory=list)
+
+
+class ClusteringLinks(BaseModel):
+    self: str
+    job: str
+    assignments: str
+
+
+class ClusteringInfo(BaseModel):
+    """A clustering made by a finished cluster job (its id is the job's id)."""
+
+    id: str = Field(description="The id of the cluster job that made it.")
+    created_at: str
+    model: str = Field(description="Encoder spec; new images are embedded with it.")
+    encoder: dict[str, Any] = Field(description="The encoder's description, preprocessing included.")
+    space: str = Field(description="'head' (the fitted head's Z) or 'raw' (encoder features).")
+    members: int = Field(description="Images the clustering was fitted on.")
+    revision: int = Field(description="The newest revision (0 = as fitted).")
+    novelty: dict[str, Any] = Field(description="The label-free novelty calibration.")
+    clusters: list[ClusterSummary]
+    links: ClusteringLinks
+
+
+class ClusteringPage(BaseModel):
+    items: list[ClusteringInfo]
+    total: int = Field(description="Succeeded cluster jobs (those without a clustering are left out).")
+    offset: int
+    limit: int
+
+
+class AssignRequest(BaseModel):
+    """New images to assign to a clustering: a server-side source and the assignment options."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"source": JOB_REQUEST_EXAMPLE["source"], "options": {}}]},
+    )
+
+    source: SourceSpec
+    options: AssignOptions = Field(default_factory=AssignOptions)
+
+
+class AssignmentJobLinks(BaseModel):
+    self: str
+    clustering: str
+    results: str
+    summary: str
+    cancel: str
+
+
+class AssignmentJob(BaseModel):
+    """An assignment job (new images into a clustering) and where it stands."""
+
+    id: str
+    clustering: str = Field(description="The clustering (cluster job id) the images are assigned to.")
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    source: SourceSpec
+    options: AssignOptions
+    progress: Progress | None = Field(default=None, description="Latest progress: stage embed or assign.")
+    error: Problem | None = Field(default=None, description="Why the job failed (status 'failed').")
+    cancel_requested: bool = False
+    attempts: int
+    links: AssignmentJobLinks
+
+    @classmethod
+    def from_record(cls, job: JobRecord) -> AssignmentJob:
+        assert job.parent is not None
+        base = f"/v1/clusterings/{job.parent}/assignments/{job.id}"
+        return cls(
+            id=job.id,
+            clustering=job.parent,
+            status=job.status,
+            created_at=datetime.fromtimestamp(job.created_at, tz=timezone.utc),
+            updated_at=datetime.fromtimestamp(job.updated_at, tz=timezone.utc),
+            started_at=_time(job.started_at),
+            finished_at=_time(job.finished_at),
+            source=SourceSpec.model_validate(job.source),
+            options=AssignOptions.model_validate(job.options),
+            progress=Progress.model_validate(job.progress) if job.progress else None,
+            error=Problem.model_validate(job.error) if job.error else None,
+            cancel_requested=job.cancel_requested,
+            attempts=job.attempts,
+            links=AssignmentJobLinks(
+                self=base,
+                clustering=f"/v1/clusterings/{job.parent}",
+                results=f"{base}/results",
+                summary=f"{base}/summary",
+                cancel=f"{base}/cancel",
+            ),
+        )
+
+
+class AssignmentJobPage(BaseModel):
+    items: list[AssignmentJob]
+    total: int
+    offset: int
+    limit: int
