@@ -149,7 +149,10 @@ def make_clustering(
             encoder={"id": "synthetic", "dim": d},
             head={"type": "none"},
             k_selection=KSelection(
-                method="coding_length", k=k, candidates=[2, 3, 4, 5], coding_length=[900.0, 700.0, 650.0, 680.0]
+                method="coding_length",
+                k=k,
+                candidates=list(range(2, 2 * k + 1)),
+                coding_length=[1000.0 + 40.0 * (c - k) ** 2 for c in range(2, 2 * k + 1)],
             ),
             source=resolved_spec(source),
             timings_s={"embed": 1.5, "fit": 2.0, "readout": 0.5, "name": 0.25, "total": 4.25},

@@ -1,0 +1,1 @@
+"""The browser UI's files (HTML, script, style), served by ``cpp serve`` and copied into static galleries."""
