@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Literal, get_args
 
+from pydantic import BaseModel, Field
+
 from cpp.clustering import OUTLIER, Clustering
 from cpp.errors import CppError
 from cpp.result import Assignment, ClusterResult
@@ -30,6 +32,16 @@ FORMATS: tuple[str, ...] = get_args(ExportFormat)
 FILE_FORMATS = ("json", "csv", "coco")
 MEDIA_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "coco": "application/json"}
 _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
+
+
+class ExportOptions(BaseModel):
+    """What ``cpp export`` writes."""
+
+    format: ExportFormat = Field(
+        default="json",
+        description="json (result with assignments inline), csv (path, key, cluster, name, confidence), "
+        "coco (image-level labels, a category per cluster name) or folders (symlinks per cluster)",
+    )
 
 
 class ExportError(CppError):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from cpp.clustering import OUTLIER, Clustering
 from cpp.curation import Members, members, open_store
@@ -51,6 +52,14 @@ UI_PACKAGE = "cpp.service.ui"
 #: The UI's script and style, beside ``index.html`` in ``ui/`` (as the service serves them).
 UI_ASSETS = ("app.js", "style.css")
 _CACHE_SIZE = 16
+
+
+class GalleryOptions(BaseModel):
+    """What ``cpp gallery`` includes."""
+
+    members: int = Field(
+        default=STATIC_MEMBERS, ge=1, le=2000, description="images per cluster page (the most confident)"
+    )
 
 
 class GalleryError(CppError):
@@ -120,13 +129,16 @@ def overview(
     cl: Clustering,
     *,
     sort: str = "size",
-    descending: bool = True,
+    descending: bool | None = None,
     q: str = "",
     offset: int = 0,
     limit: int = 60,
     thumbs: int = CARD_THUMBS,
 ) -> dict[str, Any]:
-    """A page of cluster cards (see the module docstring); ``q`` filters by name (case-insensitive)."""
+    """A page of cluster cards (see the module docstring); ``q`` filters by name (case-insensitive).
+
+    ``descending`` defaults to True for the numbers (size, score, uncertain first) and False for names.
+    """
     if sort not in SORT_KEYS:
         raise GalleryError(f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
     if offset < 0 or limit < 0:
@@ -142,7 +154,8 @@ def overview(
         "uncertain": lambda c: (c.uncertain, -c.score, -c.id),
         "name": lambda c: (c.name.casefold(), c.id),
     }
-    chosen.sort(key=keys[sort], reverse=descending if sort != "name" else not descending)
+    descending = sort != "name" if descending is None else descending
+    chosen.sort(key=keys[sort], reverse=descending)
     page = chosen[offset : offset + limit]
     return {
         "id": cl.id,

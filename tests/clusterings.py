@@ -52,8 +52,9 @@ def make_clustering(
     shards: int = 0,
     image_size: int = 48,
     seed: int = 0,
+    work: Path | None = None,
 ) -> Clustering:
-    """A finished clustering in ``root / "work"`` of ``k * per`` images in ``k`` clusters.
+    """A finished clustering in ``work`` (default ``root / "work"``) of ``k * per`` images in ``k`` clusters.
 
     Images are PNG files in ``root / "images"`` (a folder source), or in ``shards`` tar files (a webdataset
     source), or not written at all (``images=False``: only the paths exist in the store).
@@ -94,7 +95,7 @@ def make_clustering(
     x, truth = x[order], truth[order]
     keys, paths = [keys[i] for i in order], [paths[i] for i in order]
 
-    work = root / "work"
+    work = work or root / "work"
     identity = {"encoder_id": "synthetic", "encoder_weights": None, "source": resolved_spec(source)}
     settings = {"chunk_size": 4096, "dtype": "float32", "dim": d, "max_pixels": 1}
     writer = StoreWriter.open(work / clustering.FEATURES_DIR, identity, settings)

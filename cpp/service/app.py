@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import cpp
 from cpp.logging import disable_progress_bars, get_logger
 from cpp.service.api.deps import Services, require_api_key
-from cpp.service.api.routes import clusterings, health, jobs
+from cpp.service.api.routes import clusterings, curation, health, jobs, ui
 from cpp.service.metrics import ServiceMetrics
 from cpp.service.problems import PROBLEM_JSON, Problem, install_problem_handlers
 from cpp.service.settings import Settings
@@ -225,6 +225,8 @@ def create_app(
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(jobs.router)
     v1.include_router(clusterings.router)
+    v1.include_router(curation.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(ui.router)
     return app

@@ -87,6 +87,34 @@ def _matches(key: str, valid: list[str]) -> bool:
     return any(hmac.compare_digest(key.encode(), other.encode()) for other in valid)
 
 
+#: The browser UI's session cookie (HttpOnly, holds the API key) and its CSRF double-submit token: a cookie
+#: the page reads and sends back as the :data:`CSRF_HEADER` header with every state-changing request.
+SESSION_COOKIE = "cpp_session"
+CSRF_COOKIE = "cpp_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def check_csrf(request: Request) -> None:
+    """Refuse (403) a state-changing request whose CSRF header does not match its CSRF cookie."""
+    if request.method in SAFE_METHODS:
+        return
+    cookie, header = request.cookies.get(CSRF_COOKIE, ""), request.headers.get(CSRF_HEADER, "")
+    if not cookie or not hmac.compare_digest(cookie.encode(), header.encode()):
+        raise ApiProblem(
+            403, "csrf", "CSRF check failed", f"send the {CSRF_COOKIE} cookie's value as the {CSRF_HEADER} header"
+        )
+
+
+def key_caller(key: str, settings: Settings) -> Caller | None:
+    """The caller that ``key`` identifies, or None when it is not a valid key."""
+    if _matches(key, settings.admin_keys):
+        return Caller(key_id(key), admin=True)
+    if _matches(key, settings.api_keys):
+        return Caller(key_id(key))
+    return None
+
+
 def require_api_key(
     request: Request,
     settings: SettingsDep,
@@ -96,23 +124,26 @@ def require_api_key(
     """Require one of ``CPP_API_KEYS`` or ``CPP_ADMIN_KEYS`` when any are configured (401 otherwise).
 
     Two different credentials in one request are refused, even if one of them is valid, and so is an
-    ``Authorization`` header that is not ``Bearer <key>``.
+    ``Authorization`` header that is not ``Bearer <key>``. Without a key header, the browser UI's session
+    cookie is accepted, and then a state-changing request must pass :func:`check_csrf`.
     """
     if not settings.api_keys and not settings.admin_keys:
         return Caller(None)
     if bearer is None and "authorization" in request.headers:
         raise _unauthorized("the Authorization header must be 'Bearer <key>'")
     offered = [k for k in (bearer.credentials if bearer else None, api_key) if k]
+    session = request.cookies.get(SESSION_COOKIE)
+    if not offered and session:
+        check_csrf(request)
+        offered = [session]
     if not offered:
         raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     if len(set(offered)) > 1:
         raise _unauthorized("the request carries two different API keys; send one")
-    key = offered[0]
-    if _matches(key, settings.admin_keys):
-        return Caller(key_id(key), admin=True)
-    if _matches(key, settings.api_keys):
-        return Caller(key_id(key))
-    raise _unauthorized("the API key is not valid")
+    caller = key_caller(offered[0], settings)
+    if caller is None:
+        raise _unauthorized("the API key is not valid")
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(require_api_key)]

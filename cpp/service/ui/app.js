@@ -105,7 +105,7 @@
       name: (c) => [c.name.toLowerCase(), c.id],
     };
     const key = keys[sort] || keys.size;
-    const sign = (sort === "name" ? !descending : descending) ? -1 : 1;
+    const sign = descending ? -1 : 1;
     return [...clusters].sort((a, b) => {
       const x = key(a), y = key(b);
       for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return (x[i] < y[i] ? -1 : 1) * sign;
@@ -304,7 +304,7 @@
   async function overviewPage(id, query) {
     const state = {
       sort: query.get("sort") || "size",
-      descending: query.get("descending") !== "false",
+      descending: query.has("descending") ? query.get("descending") === "true" : (query.get("sort") || "size") !== "name",
       q: query.get("q") || "",
       offset: Number(query.get("offset") || 0),
       limit: PAGE,
@@ -341,7 +341,7 @@
       clearTimeout(timer);
       timer = setTimeout(() => navigate({ q: search.value, offset: 0 }), 300);
     });
-    const sort = h("select", { id: "sort", onchange: () => navigate({ sort: sort.value, offset: 0 }) },
+    const sort = h("select", { id: "sort", onchange: () => navigate({ sort: sort.value, descending: sort.value !== "name", offset: 0 }) },
       [["size", "Size"], ["score", "Name score"], ["uncertain", "Uncertain first"], ["name", "Name"]].map(([v, t]) =>
         h("option", { value: v, selected: v === state.sort || null, text: t })));
     const direction = h("button", { class: "btn", title: "Reverse the order", onclick: () => navigate({ descending: !state.descending, offset: 0 }) },

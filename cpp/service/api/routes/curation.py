@@ -64,7 +64,7 @@ def _answer(call: Callable[[], T]) -> T:
 def get_overview(
     found: ClusteringDep,
     sort: Annotated[Literal["size", "score", "uncertain", "name"], Query()] = "size",
-    descending: bool = True,
+    descending: Annotated[bool | None, Query(description="Default: true, false for names")] = None,
     q: Annotated[str, Query(max_length=200, description="Only clusters whose name contains this")] = "",
     offset: Offset = 0,
     limit: Limit = 60,
