@@ -20,6 +20,7 @@
       if (value === null || value === undefined || value === false) continue;
       if (key === "class") el.className = value;
       else if (key === "text") el.textContent = value;
+      else if (key === "style") Object.assign(el.style, value); // CSSOM, allowed by the CSP (no inline style)
       else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
       else el.setAttribute(key, value === true ? "" : String(value));
     }
@@ -280,7 +281,7 @@
     const p = job.progress;
     const share = p && p.total ? Math.min(1, p.done / p.total) : job.status === "succeeded" ? 1 : 0;
     const bar = h("div", { class: "bar", title: p ? `${p.stage}: ${p.done}/${p.total ?? "?"}` : job.status },
-      h("span", { style: `width:${(share * 100).toFixed(1)}%` }));
+      h("span", { style: { width: `${(share * 100).toFixed(1)}%` } }));
     const actions = [];
     if (job.status === "succeeded" && (job.kind || "cluster") === "cluster") {
       actions.push(h("a", { class: "btn small primary", href: `#/c/${encodeURIComponent(job.id)}` }, "Open clusters"));
@@ -375,7 +376,7 @@
         h("a", { class: "mosaic", href: link, "aria-label": c.name }, c.thumbs.map((row) => thumb(id, row))),
         h("div", { class: "card-body" },
           h("div", { class: "card-title" },
-            h("span", { class: "swatch", style: `background:${colour(c.id)}` }),
+            h("span", { class: "swatch", style: { background: colour(c.id) } }),
             h("a", { class: "name", href: link, title: c.name, text: c.name }),
             box),
           h("div", { class: "card-meta" },
@@ -419,7 +420,7 @@
     };
 
     const head = h("div", { class: "cluster-head" },
-      h("span", { class: "swatch big", style: `background:${colour(c.id)}` }),
+      h("span", { class: "swatch big", style: { background: colour(c.id) } }),
       h("div", {},
         h("h1", { id: "cluster-name", text: c.name }),
         h("div", { class: "card-meta" },
@@ -556,7 +557,7 @@
       if (best >= 0) go(`${home}/k/${m.cluster[best]}`);
     });
     const legend = h("div", { class: "legend" }, [...m.clusters].sort((a, b) => b.size - a.size).slice(0, 40).map((c) =>
-      h("a", { href: `${home}/k/${c.id}` }, h("span", { class: "swatch", style: `background:${colour(c.id)}` }), h("span", { class: "ellipsis", text: c.name }), h("span", { class: "muted", text: num(c.size) }))));
+      h("a", { href: `${home}/k/${c.id}` }, h("span", { class: "swatch", style: { background: colour(c.id) } }), h("span", { class: "ellipsis", text: c.name }), h("span", { class: "muted", text: num(c.size) }))));
     main.replaceChildren(
       h("div", { class: "page-head" }, h("div", {}, h("h1", { text: "Map" }),
         h("div", { class: "muted", text: `${num(m.shown)} of ${num(m.members)} images, first two principal components of the features; click a point to open its cluster` }))),
@@ -617,7 +618,7 @@
         h("section", { class: "panel" }, h("h2", { text: "Timings" }),
           h("div", { class: "timings" }, timings.map(([stage, s]) => {
             const total = (run.timings_s.total || Math.max(...timings.map((t) => t[1]))) || 1;
-            return h("div", { class: "timing" }, h("span", { text: stage }), h("div", { class: "bar" }, h("span", { style: `width:${Math.min(100, (s / total) * 100).toFixed(1)}%` })), h("span", { class: "muted", text: `${fixed(s, 2)} s` }));
+            return h("div", { class: "timing" }, h("span", { text: stage }), h("div", { class: "bar" }, h("span", { style: { width: `${Math.min(100, (s / total) * 100).toFixed(1)}%` } })), h("span", { class: "muted", text: `${fixed(s, 2)} s` }));
           })),
           h("h3", { text: "Counts" }), table(Object.entries(run.counts)),
           r.metrics ? h("div", {}, h("h3", { text: "Against ground truth" }), table(Object.entries(r.metrics).map(([k, v]) => [k, fixed(v, 3)]))) : null)),
