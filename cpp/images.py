@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from cpp.logging import get_logger
 
@@ -24,13 +24,22 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: tuple[int, int] | None = None
+) -> Image.Image:
     """Decode ``data`` into an upright RGB image.
 
     Handles EXIF orientation, CMYK, 16-bit and float greyscale, palettes and alpha (composited on white);
     animated images give their first frame. Raises :class:`BadImage` for empty, non-image, corrupt,
     truncated and oversized (more than ``max_pixels`` pixels, e.g. decompression bombs) data.
+
+    ``min_size`` is the smallest upright ``(width, height)`` the caller needs (an encoder's resize target,
+    :attr:`cpp.encoders.preprocessing.ImageGeometry.min_source_size`): a JPEG is then decoded by libjpeg at
+    1/2, 1/4 or 1/8 scale where both sides stay at least that large (Pillow's draft mode), which costs a
+    fraction of the full decode; other formats, and JPEGs too small to shrink, decode at full size.
     """
+    if min_size is not None and min(min_size) < 1:
+        raise ValueError(f"min_size must be positive, got {min_size}")
     if not data:
         raise BadImage("empty file")
     try:
@@ -52,6 +61,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         )
     try:
         image.seek(0)
+        if min_size is not None and image.format in _DRAFTABLE:
+            _draft(image, min_size)
         image.load()
     except Exception as exc:  # truncated data, bad compressed stream, ...
         raise BadImage(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
@@ -62,14 +73,41 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise BadImage(f"unsupported pixel data (mode {image.mode}: {type(exc).__name__}: {exc})") from None
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation tag; a malformed EXIF block leaves the pixels as stored."""
+#: Formats whose decoder can reduce while decoding (libjpeg's DCT scaling; MPO is a JPEG with extra frames).
+_DRAFTABLE = frozenset({"JPEG", "MPO"})
+#: EXIF orientations that need a transpose (1 is upright; other values are invalid and ignored).
+_TRANSPOSING = frozenset(range(2, 9))
+#: EXIF orientations that swap width and height (transpose, rotations by 90 and 270 degrees, transverse).
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF (or XMP) orientation tag, 1 when absent; a malformed EXIF block counts as absent."""
     try:
-        transposed = ImageOps.exif_transpose(image)
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as exc:  # malformed EXIF must not cost a readable image
+        _log.debug("ignoring malformed EXIF orientation: %s", exc)
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _draft(image: Image.Image, min_size: tuple[int, int]) -> None:
+    """Let libjpeg decode at the largest power-of-two reduction (up to 1/8) that keeps the upright image at
+    least ``min_size``; Pillow picks the scale from the stored size, so the request is turned with it."""
+    width, height = min_size
+    turned = _orientation(image) in _SWAPS_AXES
+    image.draft(None, (height, width) if turned else (width, height))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; an upright image is returned as it is (no copy)."""
+    if _orientation(image) not in _TRANSPOSING:
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
     except Exception as exc:  # malformed EXIF must not cost a readable image
         _log.debug("ignoring malformed EXIF orientation: %s", exc)
         return image
-    return image if transposed is None else transposed
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -6,7 +6,6 @@ import torch
 
 from cpp.encoders.base import Encoder, EncoderUnavailable
 from cpp.encoders.effnet import EFFNET_ID, EffNetLite0Encoder
-from cpp.encoders.open_clip import OpenClipEncoder, resolve_weights
 from cpp.encoders.registry import register_encoder
 from cpp.logging import get_logger
 
@@ -18,6 +17,8 @@ AUTO_CLIP_TAG = "laion2b_s34b_b79k"
 
 def auto_choice() -> str:
     """The spec ``auto`` resolves to on this machine (no model is built)."""
+    from cpp.encoders.open_clip import resolve_weights
+
     try:
         resolve_weights(AUTO_CLIP_ARCH, AUTO_CLIP_TAG, allow_download=False)
     except EncoderUnavailable:
@@ -30,6 +31,8 @@ def create_auto(arg: str = "", *, device: torch.device) -> Encoder:
     """open_clip ViT-B-32/laion2b_s34b_b79k when its weights are cached, else effnet-lite0-in1k (offline)."""
     if arg:
         raise ValueError(f"auto takes no argument, got {arg!r}")
+    from cpp.encoders.open_clip import OpenClipEncoder, resolve_weights
+
     try:
         weights = resolve_weights(AUTO_CLIP_ARCH, AUTO_CLIP_TAG, allow_download=False)
     except EncoderUnavailable as exc:

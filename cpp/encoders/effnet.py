@@ -8,10 +8,9 @@ classes it is mapped to (:func:`cpp.vocab.imagenet_class_map`), so naming scores
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
-import open_clip
-import timm
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -19,7 +18,6 @@ from torchvision import transforms
 from cpp.encoders.base import Encoder, EncoderUnavailable, UnsupportedVocabulary
 from cpp.encoders.preprocessing import split_transform, tensor_geometry
 from cpp.encoders.registry import register_encoder
-from cpp.vocab import IMAGENET_MAPPED, imagenet_class_map
 
 EFFNET_ID = "effnet-lite0-in1k"
 _IMAGE_SIZE = 224
@@ -49,6 +47,8 @@ class EffNetLite0Encoder(Encoder):
     def __init__(self, device: torch.device) -> None:
         self.id = EFFNET_ID
         self.device = device
+        import timm  # here, not at module import: listing encoders must not load it
+
         model: Any = timm.create_model("efficientnet_lite0", pretrained=False)
         source = _load_weights()
         target = model.state_dict()
@@ -81,9 +81,18 @@ class EffNetLite0Encoder(Encoder):
             )
         )
         self.geometry = tensor_geometry(self._transform)
+
+    @cached_property
+    def _classes(self) -> dict[str, tuple[int, ...]]:
+        """The ImageNet classes of every name this encoder can embed (built when names are first asked for:
+        the class names come with open_clip, which embedding images does not need)."""
+        import open_clip
+
+        from cpp.vocab import imagenet_class_map
+
         # ImageNet class names win over mapped names (make_vocab_maps.py maps such a name to that class only);
         # a name listed twice by open_clip ("missile", "sunglasses") keeps its last class, as before.
-        self._classes: dict[str, tuple[int, ...]] = {
+        return {
             **imagenet_class_map(),
             **{name: (i,) for i, name in enumerate(open_clip.IMAGENET_CLASSNAMES)},
         }
@@ -103,6 +112,8 @@ class EffNetLite0Encoder(Encoder):
     def embed_labels(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         missing = [name for name in names if name not in self._classes]
         if missing:
+            from cpp.vocab import IMAGENET_MAPPED
+
             raise UnsupportedVocabulary(
                 f"{self.id} has no text tower; it can only name ImageNet-1k classes and the names of "
                 f"{', '.join(IMAGENET_MAPPED)} (mapped to them), and {len(missing)} requested names are "

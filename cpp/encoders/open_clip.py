@@ -22,7 +22,6 @@ from PIL import Image
 
 from cpp.encoders.base import Encoder, EncoderUnavailable
 from cpp.encoders.preprocessing import split_transform, tensor_geometry
-from cpp.encoders.registry import register_encoder
 from cpp.logging import get_logger
 
 _log = get_logger(__name__)
@@ -254,7 +253,6 @@ def _describe_transform(model: Any) -> dict[str, Any]:
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in dict(cfg).items()}
 
 
-@register_encoder("open_clip")
 def create_open_clip(arg: str = "", *, device: torch.device) -> Encoder:
     """open_clip:<arch>/<pretrained tag or local checkpoint> (any open_clip model; fp16 on CUDA)."""
     arch, pretrained = parse_spec(arg)

@@ -63,6 +63,25 @@ class ImageGeometry:
     crop: tuple[int, int] | None
     interpolation: str  # an InterpolationMode value: "bicubic", "bilinear", "nearest", ...
 
+    @property
+    def min_source_size(self) -> tuple[int, int]:
+        """The smallest ``(width, height)`` an image may have before this resize without being enlarged by
+        it: the shorter side for ``(s,)`` (both sides at least ``s``), each side for ``(h, w)``."""
+        if len(self.size) == 1:
+            return (self.size[0], self.size[0])
+        height, width = self.size
+        return (width, height)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The ``(width, height)`` a ``width`` x ``height`` image has after the resize (as torchvision's
+        ``Resize`` computes it: the longer side scaled and truncated)."""
+        if len(self.size) == 2:
+            return (self.size[1], self.size[0])
+        short = self.size[0]
+        if width <= height:
+            return (short, int(short * height / width))
+        return (int(short * width / height), short)
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Resize and crop a uint8 NCHW batch of equally sized images (on any device); uint8 out."""
         mode = InterpolationMode(self.interpolation)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from cpp.encoders.base import Encoder
-from cpp.errors import CppError
+from cpp.errors import CppError, OptionError
 from cpp.registry import Registry
 
 EncoderFactory = Callable[..., Encoder]
@@ -30,13 +30,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise CppError(f"invalid device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from exc
+        raise OptionError("device", "use 'auto', 'cpu' or 'cuda[:N]'", value=device) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CppError(f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'")
+        raise OptionError("device", "CUDA is not available here; use 'cpu' or 'auto'", value=device)
     return resolved
 
 
 def create_encoder(spec: str = "auto", *, device: str | torch.device | None = None) -> Encoder:
-    """Build an encoder from a spec: ``auto``, ``effnet-lite0-in1k`` or ``open_clip:<arch>/<tag-or-file>``."""
+    """Build an encoder from a spec: ``auto``, ``effnet-lite0-in1k`` or ``open_clip:<arch>/<tag-or-file>``;
+    an unknown name or an argument its factory refuses is an :class:`OptionError` of ``model``."""
     name, _, arg = spec.partition(":")
-    return encoder_factory(name)(arg, device=resolve_device(device))
+    try:
+        factory = encoder_factory(name)
+    except CppError as exc:
+        raise OptionError("model", str(exc), value=spec) from None
+    resolved = resolve_device(device)
+    try:
+        return factory(arg, device=resolved)
+    except ValueError as exc:  # the factories' check of their argument
+        raise OptionError("model", str(exc), value=spec) from exc

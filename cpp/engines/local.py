@@ -25,14 +25,20 @@ def default_workers(device: torch.device) -> int:
 
 
 class LocalEngine(EmbedEngine):
-    """Decode with ``workers`` processes (``None``: :func:`default_workers`; 0: inline), encode here."""
+    """Decode with ``workers`` processes (``None``: :func:`default_workers`; 0: inline), encode here.
+
+    With ``draft`` (the default), JPEGs of at least four times the encoder's resize target are decoded at
+    reduced scale (:func:`~cpp.engines.base.prepare_image`; features within the tolerance measured in
+    docs/benchmarks.md).
+    """
 
     name = "local"
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, *, draft: bool = True) -> None:
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = workers
+        self.draft = draft
         self._resolved: int | None = None
 
     def run(
@@ -40,16 +46,23 @@ class LocalEngine(EmbedEngine):
     ) -> Generator[EncodedUnit, None, None]:
         workers = default_workers(encoder.device) if self.workers is None else self.workers
         self._resolved = workers
-        load = functools.partial(decode_unit, preprocess=encoder.preprocess, max_pixels=max_pixels)
+        load = functools.partial(
+            decode_unit,
+            preprocess=encoder.preprocess,
+            max_pixels=max_pixels,
+            geometry=encoder.geometry,
+            draft=self.draft,
+        )
         cuda = encoder.device.type == "cuda"
         for unit in load_units(items, units, load, workers=workers, pin_memory=cuda):
             yield encode_unit(unit, encoder)
 
     def describe(self) -> dict[str, object]:
-        return {"engine": self.name, "workers": self.workers if self._resolved is None else self._resolved}
+        workers = self.workers if self._resolved is None else self._resolved
+        return {"engine": self.name, "workers": workers, "jpeg_draft": self.draft}
 
 
 @register_engine("local")
-def local_engine(*, workers: int | None = None) -> LocalEngine:
+def local_engine(*, workers: int | None = None, draft: bool = True) -> LocalEngine:
     """Decode on this machine's CPUs (``workers`` processes; default by device), encode on its device."""
-    return LocalEngine(workers)
+    return LocalEngine(workers, draft=draft)
