@@ -15,26 +15,37 @@ rewrites their labels and captions (:data:`cpp.store.LABEL_FIELDS`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from cpp.encoders.base import Encoder
-from cpp.engines import EmbedEngine, EncodedUnit, LocalEngine
+from cpp.engines import EmbedEngine, LocalEngine
 from cpp.images import DEFAULT_MAX_PIXELS
 from cpp.logging import get_logger, progress_bar
-from cpp.options import SourceSpec
+from cpp.options import SourceSpec, StoreDtype
 from cpp.progress import Cancelled, RunControl
-from cpp.sources import Item, Roots, SourceItems, resolved_spec
-from cpp.store import FeatureStore, StoreWriter, check_complete_store
+from cpp.sources import Roots, SourceItems, resolved_spec
+from cpp.store import (
+    FeatureStore,
+    IndexEntry,
+    StoreDetails,
+    StoreIdentity,
+    StoreSettings,
+    StoreWriter,
+    check_complete_store,
+)
 
 _log = get_logger(__name__)
 
 DTYPES = ("float16", "float32")
+#: How images are decoded (:func:`cpp.images.decode_image`), as recorded in a store's ``meta.json``.
+DECODE = (
+    "PIL; EXIF orientation applied; palette/alpha composited on white; CMYK, 16-bit and float converted to "
+    "8-bit RGB; first frame of animations"
+)
 #: Seconds between saves of the units encoded into a chunk that is not complete yet (a save of 64 rows of 512
 #: float16 took 2.8 ms, fsync included, on a local disk: about 0.1 % of the time at this interval).
 SAVE_EVERY_S = 2.0
@@ -52,13 +63,11 @@ def plan_units(start: int, total: int, chunk_size: int, batch_size: int) -> list
     return units
 
 
-def store_identity(source: SourceSpec, encoder: Encoder) -> dict[str, Any]:
+def store_identity(source: SourceSpec, encoder: Encoder) -> StoreIdentity:
     """What must match for a store to be reused or resumed: the encoder (and its weights) and the source."""
-    return {
-        "encoder_id": encoder.id,
-        "encoder_weights": encoder.describe().get("weights"),
-        "source": resolved_spec(source),
-    }
+    return StoreIdentity(
+        encoder_id=encoder.id, encoder_weights=encoder.describe().get("weights"), source=resolved_spec(source)
+    )
 
 
 def embed_source(
@@ -70,7 +79,7 @@ def embed_source(
     workers: int | None = None,
     engine: EmbedEngine | None = None,
     chunk_size: int = 4096,
-    dtype: str = "float16",
+    dtype: StoreDtype = "float16",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     control: RunControl | None = None,
     roots: Roots = None,
@@ -103,7 +112,12 @@ def embed_source(
 
     items = SourceItems.of(source, roots=roots)
     listed = time.perf_counter()
-    settings = {"chunk_size": chunk_size, "dtype": dtype, "dim": encoder.dim, "max_pixels": max_pixels}
+    settings = StoreSettings(
+        chunk_size=chunk_size,
+        dtype=dtype,
+        dim=encoder.dim,
+        max_pixels=max_pixels,
+    )
     writer = StoreWriter.open(out_dir, identity, settings, items=items)
     if writer.run["settings"] != settings:
         _log.warning("resuming %s with its original settings %s", writer.path, writer.run["settings"])
@@ -117,12 +131,12 @@ def embed_source(
             len(writer.parts),
         )
     units = plan_units(resumed, len(items), writer.chunk_size, batch_size)
-    max_pixels_used = int(writer.run["settings"]["max_pixels"])
+    max_pixels_used = writer.run["settings"]["max_pixels"]
     control = control or RunControl()
     stage = control.stage("embed", total=len(items))
     encode_s = 0.0
     chunk_features: list[np.ndarray] = []
-    chunk_entries: list[dict[str, Any]] = []
+    chunk_entries: list[IndexEntry] = []
     with (
         progress_bar(total=len(items), initial=resumed, unit="img", desc="embed", smoothing=0.1) as bar,
         closing(engine.run(items, units, encoder, max_pixels_used)) as encoded,  # stops the engine on errors
@@ -137,7 +151,10 @@ def embed_source(
             expected += unit.size
             encode_s += unit.encode_s
             chunk_features.append(unit.features.astype(writer.dtype, copy=False))
-            chunk_entries.extend(_entries(items, unit))
+            chunk_entries.extend(
+                IndexEntry.of(item, unit.start + i, unit.failures.get(i))
+                for i, item in enumerate(items[unit.start : unit.start + unit.size])
+            )
             chunk_done = expected % writer.chunk_size == 0 or expected == len(items)
             if chunk_done or time.perf_counter() - saved_at >= save_every_s:
                 write = writer.write_chunk if chunk_done else writer.write_part
@@ -152,31 +169,27 @@ def embed_source(
                     writer.write_part(_stack(chunk_features, encoder.dim), chunk_entries)
                 raise
     finished = time.perf_counter()
-    store = writer.finish(
-        {
-            "encoder_id": encoder.id,
-            "encoder": encoder.describe(),
-            "source": resolved_spec(source),
-            "preprocessing": {
-                "decode": "PIL; EXIF orientation applied; palette/alpha composited on white; CMYK, 16-bit "
-                "and float converted to 8-bit RGB; first frame of animations",
-                "max_pixels": writer.run["settings"]["max_pixels"],
-                "encoder": encoder.describe().get("preprocess"),
-            },
-            "run": {
-                "batch_size": batch_size,
-                **engine.describe(),
-                "resumed_items": resumed,
-                "torch_threads": torch.get_num_threads(),
-            },
-            "timings_s": {
-                "list": round(listed - started, 3),
-                "encode": round(encode_s, 3),
-                "total": round(finished - started, 3),
-                "images_per_s": round((len(items) - resumed) / max(finished - listed, 1e-9), 2),
-            },
-        }
+    details = StoreDetails(
+        encoder=encoder.describe(),
+        preprocessing={
+            "decode": DECODE,
+            "max_pixels": max_pixels_used,
+            "encoder": encoder.describe().get("preprocess"),
+        },
+        run={
+            "batch_size": batch_size,
+            **engine.describe(),
+            "resumed_items": resumed,
+            "torch_threads": torch.get_num_threads(),
+        },
+        timings_s={
+            "list": round(listed - started, 3),
+            "encode": round(encode_s, 3),
+            "total": round(finished - started, 3),
+            "images_per_s": round((len(items) - resumed) / max(finished - listed, 1e-9), 2),
+        },
     )
+    store = writer.finish(details)
     counts = store.counts
     _log.info(
         "embedded %d of %d items into %s (%d skipped)",
@@ -190,21 +203,3 @@ def embed_source(
 
 def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), dtype=np.float32)
-
-
-def _entries(items: Sequence[Item], unit: EncodedUnit) -> list[dict[str, Any]]:
-    entries = []
-    for position, item in enumerate(items[unit.start : unit.start + unit.size]):
-        reason = unit.failures.get(position)
-        entries.append(
-            {
-                "item": unit.start + position,
-                "key": item.key,
-                "path": item.path,
-                "captions": list(item.captions),
-                "label": item.label,
-                "status": "ok" if reason is None else "skipped",
-                "reason": reason,
-            }
-        )
-    return entries

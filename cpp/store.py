@@ -28,13 +28,16 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import numpy as np
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import NotRequired, TypedDict
 
 from cpp.errors import CppError
 from cpp.logging import get_logger
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
 _log = get_logger(__name__)
 
-STORE_FORMAT = "cpp-feature-store"
+STORE_FORMAT: Final = "cpp-feature-store"
 STORE_VERSION = 1
 META_FILE = "meta.json"
 RUN_FILE = "run.json"
@@ -52,10 +55,167 @@ CHUNK_DIR = "chunks"
 #: Fields of an identity's ``source`` that only say where ground-truth labels and captions come from.
 LABEL_FIELDS = ("labels_from_folders", "annotations")
 _PART_FILE = re.compile(r"^(?:features|index)-(\d+)\.part-\d+\.(?:npy|jsonl)$")
+_STRICT = ConfigDict(extra="forbid")
 
 
 class StoreError(CppError):
     """A feature store is missing, incomplete, corrupt or belongs to another encoder/source."""
+
+
+# The contract of the files: JSON documents as TypedDicts (read as plain dicts by reports and hashes),
+# validated whenever a file is read; index lines as :class:`IndexEntry`.
+
+
+@with_config(_STRICT)
+class StoreIdentity(TypedDict):
+    """What must match for a store to be reused or resumed."""
+
+    encoder_id: str
+    encoder_weights: Any  # the encoder's ``describe()["weights"]``: a name, a dict or None
+    source: dict[str, Any]  # the resolved source spec
+
+
+@with_config(_STRICT)
+class StoreSettings(TypedDict):
+    """How a store is laid out; kept from the run that started it when a run resumes."""
+
+    chunk_size: int
+    dtype: Literal["float16", "float32"]
+    dim: int
+    max_pixels: int
+
+
+@with_config(_STRICT)
+class ChunkRecord(TypedDict):
+    """One complete chunk in ``meta.json``: its files, its source items and its embedded rows."""
+
+    id: int
+    features: str
+    index: str
+    items: int
+    rows: int
+
+
+@with_config(_STRICT)
+class StoreCounts(TypedDict):
+    items: int
+    embedded: int
+    skipped: int
+
+
+@with_config(_STRICT)
+class RunRecord(TypedDict):
+    """``run.json``: the identity and settings of the run writing the store."""
+
+    format: Literal["cpp-feature-store"]
+    version: int
+    identity: StoreIdentity
+    settings: StoreSettings
+    relabelling: NotRequired[bool]  # set while a partial store's labels are rewritten
+
+
+@with_config(_STRICT)
+class StoreDetails(TypedDict, total=False):
+    """What the writer of a store records about how it was made (:meth:`StoreWriter.finish`).
+
+    ``encoder_id`` and ``source`` are taken from the run's identity; given, they must equal it.
+    """
+
+    encoder_id: str
+    encoder: dict[str, Any]  # the encoder's ``describe()``
+    source: dict[str, Any]
+    preprocessing: dict[str, Any]
+    run: dict[str, Any]  # engine, batch size, threads, resumed items, ...
+    timings_s: dict[str, Any]
+
+
+@with_config(_STRICT)
+class StoreMeta(TypedDict):
+    """``meta.json``, written last: the identity, settings, chunks and counts of a complete store and how
+    it was made (:class:`StoreDetails`)."""
+
+    format: Literal["cpp-feature-store"]
+    version: int
+    complete: bool
+    identity: StoreIdentity
+    settings: StoreSettings
+    dim: int
+    dtype: Literal["float16", "float32"]
+    chunk_size: int
+    chunks: list[ChunkRecord]
+    counts: StoreCounts
+    created_at: str
+    encoder_id: str
+    encoder: dict[str, Any]
+    source: dict[str, Any]
+    preprocessing: NotRequired[dict[str, Any]]
+    run: NotRequired[dict[str, Any]]
+    timings_s: NotRequired[dict[str, Any]]
+    relabelled: NotRequired[int]  # generation of the index files after label-only source changes
+
+
+class EntryStatus(StrEnum):
+    """Whether a source item was embedded (it has a row) or skipped (with a reason)."""
+
+    ok = "ok"
+    skipped = "skipped"
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class IndexEntry:
+    """One source item, a line of an index file: embedded or skipped (with the reason).
+
+    ``item`` is its position in the source; ``row`` its row in :meth:`FeatureStore.features`, assigned
+    when its chunk is written (``None`` in parts and for skipped items).
+    """
+
+    key: str
+    path: str | None
+    captions: tuple[str, ...] = ()
+    label: str | None = None
+    status: EntryStatus = EntryStatus.ok
+    reason: str | None = None
+    item: int | None = None
+    row: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.status is EntryStatus.ok) != (self.reason is None):
+            raise ValueError("an entry has a reason exactly when it is skipped")
+        if self.row is not None and self.status is not EntryStatus.ok:
+            raise ValueError("a skipped entry has no row")
+
+    @classmethod
+    def of(cls, item: Item, number: int, reason: str | None = None) -> IndexEntry:
+        """The entry of source item ``number``: embedded, or skipped when there is a ``reason``."""
+        status = EntryStatus.ok if reason is None else EntryStatus.skipped
+        return cls(item.key, item.path, tuple(item.captions), item.label, status, reason, number)
+
+    @property
+    def embedded(self) -> bool:
+        return self.status is EntryStatus.ok
+
+    def json_line(self) -> str:
+        record = {
+            "captions": list(self.captions),
+            "item": self.item,
+            "key": self.key,
+            "label": self.label,
+            "path": self.path,
+            "reason": self.reason,
+            "row": self.row,
+            "status": self.status.value,
+        }
+        return json.dumps(record, sort_keys=True) + "\n"
+
+
+_ENTRY = TypeAdapter(IndexEntry)
+_RUN = TypeAdapter(RunRecord)
+_META = TypeAdapter(StoreMeta)
+_DETAILS = TypeAdapter(StoreDetails)
+_IDENTITY = TypeAdapter(StoreIdentity)
+_SETTINGS = TypeAdapter(StoreSettings)
+_Doc = TypeVar("_Doc")
 
 
 @dataclass(frozen=True)
@@ -94,6 +254,13 @@ def part_index_name(chunk: int, part: int) -> str:
     return f"{CHUNK_DIR}/index-{chunk:05d}.part-{part:05d}.jsonl"
 
 
+def chunk_record(number: int, items: int, rows: int, *, index: str | None = None) -> ChunkRecord:
+    """The record of complete chunk ``number`` (``index``: its index file, when relabelled)."""
+    return ChunkRecord(
+        id=number, features=features_name(number), index=index or index_name(number), items=items, rows=rows
+    )
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
@@ -103,17 +270,41 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     _atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def _index_bytes(records: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
+def _index_bytes(entries: Sequence[IndexEntry]) -> bytes:
+    return "".join(entry.json_line() for entry in entries).encode("utf-8")
 
 
-def _read_index(path: Path) -> list[dict[str, Any]]:
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def _parse_index(path: Path, lines: Iterator[str]) -> Iterator[IndexEntry]:
+    for number, line in enumerate(lines, 1):
+        try:
+            yield _ENTRY.validate_json(line)
+        except ValidationError as exc:
+            raise StoreError(
+                f"{path} line {number} is damaged ({_first_error(exc)}); delete the store and embed again"
+            ) from None
+
+
+def _read_index(path: Path) -> list[IndexEntry]:
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
+        return list(_parse_index(path, handle))
+
+
+def _entries(given: Sequence[IndexEntry | Mapping[str, Any]]) -> list[IndexEntry]:
+    """``given`` as entries; mappings (the JSON form of an index line) are validated."""
+    try:
+        return [e if isinstance(e, IndexEntry) else _ENTRY.validate_python(e) for e in given]
+    except ValidationError as exc:
+        raise ValueError(f"bad index entry ({_first_error(exc)})") from None
 
 
 def _npy_bytes(features: np.ndarray) -> bytes:
@@ -122,18 +313,47 @@ def _npy_bytes(features: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, adapter: TypeAdapter[_Doc], recover: str) -> _Doc:
+    """The store file ``path``, validated; :class:`StoreError` saying what is wrong and ``recover``."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"cannot read {path}: {exc}; delete the store directory and embed again") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot read {path} ({exc}); {recover}") from None
     if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
-        raise StoreError(f"{path} is not a cpp feature store file")
-    return data
+        raise StoreError(f"{path} is not a cpp feature store file; {recover}")
+    if data.get("version") != STORE_VERSION:
+        raise StoreError(
+            f"{path} is of store version {data.get('version')!r}; this cpp reads version {STORE_VERSION}: "
+            f"{recover}"
+        )
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        raise StoreError(f"{path} is damaged ({_first_error(exc)}); {recover}") from None
 
 
-def identity_mismatch(existing: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+def _check_meta(path: Path, meta: StoreMeta) -> None:
+    """:class:`StoreError` unless the chunk list and the counts of ``meta.json`` at ``path`` agree."""
+    chunks, counts = meta["chunks"], meta["counts"]
+    problem = None
+    if [chunk["id"] for chunk in chunks] != list(range(len(chunks))):
+        problem = "chunk ids are not 0, 1, ..."
+    elif any(chunk["features"] != features_name(chunk["id"]) for chunk in chunks):
+        problem = "a chunk names another chunk's features"
+    elif counts["items"] != sum(c["items"] for c in chunks) or counts["embedded"] != sum(
+        c["rows"] for c in chunks
+    ):
+        problem = "the counts do not add up to the chunks'"
+    elif counts["skipped"] != counts["items"] - counts["embedded"]:
+        problem = "the skipped count does not match"
+    elif (meta["dim"], meta["dtype"]) != (meta["settings"]["dim"], meta["settings"]["dtype"]):
+        problem = "dim or dtype differ from the settings"
+    if problem:
+        raise StoreError(f"{path} is damaged ({problem}); delete the store directory and embed again")
+
+
+def identity_mismatch(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
     """Describe how two store identities differ, or ``None`` when they match."""
     differences = [
         f"{field}: store has {existing.get(field)!r}, requested {wanted.get(field)!r}"
@@ -143,10 +363,10 @@ def identity_mismatch(existing: dict[str, Any], wanted: dict[str, Any]) -> str |
     return "; ".join(differences) or None
 
 
-def differs_only_in_labels(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+def differs_only_in_labels(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """Whether two different identities agree but for the :data:`LABEL_FIELDS` of their source."""
 
-    def images(identity: dict[str, Any]) -> dict[str, Any]:
+    def images(identity: Mapping[str, Any]) -> dict[str, Any]:
         source = {k: v for k, v in dict(identity.get("source") or {}).items() if k not in LABEL_FIELDS}
         return {**identity, "source": source}
 
@@ -160,9 +380,7 @@ def _other_images(root: Path, difference: str) -> StoreError:
     )
 
 
-def _relabelled(
-    root: Path, entries: list[dict[str, Any]], items: Sequence[Item], start: int
-) -> list[dict[str, Any]]:
+def _relabelled(root: Path, entries: list[IndexEntry], items: Sequence[Item], start: int) -> list[IndexEntry]:
     """Index ``entries`` of source items ``start, start + 1, ...`` with the captions and label of those
     ``items``; :class:`StoreError` unless the items have the same keys and paths."""
     listed = items[start : start + len(entries)]
@@ -170,13 +388,13 @@ def _relabelled(
         raise _other_images(root, f"the source lists {len(items)} items, the store more")
     out = []
     for entry, item in zip(entries, listed, strict=True):
-        if (entry["key"], entry["path"]) != (item.key, item.path):
-            raise _other_images(root, f"the store has {entry['key']!r} where the source lists {item.key!r}")
-        out.append({**entry, "captions": list(item.captions), "label": item.label})
+        if (entry.key, entry.path) != (item.key, item.path):
+            raise _other_images(root, f"the store has {entry.key!r} where the source lists {item.key!r}")
+        out.append(replace(entry, captions=tuple(item.captions), label=item.label))
     return out
 
 
-def _check_identity(path: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+def _check_identity(path: Path, existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
     mismatch = identity_mismatch(existing, wanted)
     if mismatch:
         raise StoreError(
@@ -185,28 +403,40 @@ def _check_identity(path: Path, existing: dict[str, Any], wanted: dict[str, Any]
         )
 
 
-class FeatureStore:
-    """A complete feature store, opened read-only; chunk matrices are memory-mapped."""
+def _read_meta(root: Path) -> StoreMeta:
+    path = root / META_FILE
+    meta = _read_json(path, _META, f"delete {root} and embed again")
+    _check_meta(path, meta)
+    return meta
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+
+def _read_run(root: Path) -> RunRecord:
+    return _read_json(root / RUN_FILE, _RUN, f"delete {root} and embed again")
+
+
+class FeatureStore:
+    """A complete feature store, opened read-only; chunk matrices are memory-mapped.
+
+    ``meta`` is the validated ``meta.json`` (:class:`StoreMeta`).
+    """
+
+    def __init__(self, path: Path, meta: StoreMeta) -> None:
         self.path = path
         self.meta = meta
-        self.dim = int(meta["dim"])
-        self._chunks: list[dict[str, Any]] = list(meta["chunks"])
+        self.dim = meta["dim"]
+        self._chunks = list(meta["chunks"])
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
-        """Open a complete store; :class:`StoreError` (a ``CppError``) if it is missing or incomplete."""
+        """Open a complete store; :class:`StoreError` (a ``CppError``) if it is missing, incomplete, damaged
+        or of another store version."""
         root = Path(path)
-        meta_path = root / META_FILE
-        if not meta_path.is_file():
+        if not (root / META_FILE).is_file():
             state = "an unfinished embedding run" if (root / RUN_FILE).is_file() else "no feature store"
             raise StoreError(f"{root} holds {state}; run `cpp embed` to (finish) embedding into it")
-        meta = _read_json(meta_path)
-        if not meta.get("complete"):
+        meta = _read_meta(root)
+        if not meta["complete"]:
             raise StoreError(f"{root} is incomplete; run `cpp embed` again to finish it")
-        if meta.get("version") != STORE_VERSION:
-            raise StoreError(f"{root} has store version {meta.get('version')}, expected {STORE_VERSION}")
         store = cls(root, meta)
         for chunk in store._chunks:
             for name in (chunk["features"], chunk["index"]):
@@ -223,7 +453,7 @@ class FeatureStore:
 
     @property
     def encoder_id(self) -> str:
-        return str(self.meta["encoder_id"])
+        return self.meta["encoder_id"]
 
     @property
     def encoder(self) -> dict[str, Any]:
@@ -235,13 +465,13 @@ class FeatureStore:
         return dict(self.meta["source"])
 
     @property
-    def counts(self) -> dict[str, int]:
-        return dict(self.meta["counts"])
+    def counts(self) -> StoreCounts:
+        return self.meta["counts"].copy()
 
     def __len__(self) -> int:
-        return int(self.meta["counts"]["embedded"])
+        return self.meta["counts"]["embedded"]
 
-    def _load_chunk(self, chunk: dict[str, Any]) -> np.ndarray:
+    def _load_chunk(self, chunk: ChunkRecord) -> np.ndarray:
         name = chunk["features"]
         try:
             array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
@@ -290,23 +520,19 @@ class FeatureStore:
             return np.zeros((0, self.dim), dtype=dtype)
         return np.concatenate(parts, axis=0)
 
-    def _iter_index(self) -> Iterator[dict[str, Any]]:
+    def _iter_index(self) -> Iterator[IndexEntry]:
         for chunk in self._chunks:
-            with open(self.path / chunk["index"], encoding="utf-8") as handle:
-                for line in handle:
-                    yield json.loads(line)
+            path = self.path / chunk["index"]
+            with open(path, encoding="utf-8") as handle:
+                yield from _parse_index(path, handle)
 
     def iter_rows(self) -> Iterator[RowRecord]:
         """The embedded items in row order, read from the index files as they are consumed."""
         for entry in self._iter_index():
-            if entry["status"] == "ok":
-                yield RowRecord(
-                    index=entry["row"],
-                    key=entry["key"],
-                    path=entry["path"],
-                    captions=tuple(entry["captions"]),
-                    label=entry["label"],
-                )
+            if entry.embedded:
+                if entry.row is None:
+                    raise StoreError(f"{self.path}: embedded item {entry.key!r} has no row; embed again")
+                yield RowRecord(entry.row, entry.key, entry.path, entry.captions, entry.label)
 
     def rows(self) -> list[RowRecord]:
         """The embedded items, aligned with :meth:`features`."""
@@ -315,39 +541,36 @@ class FeatureStore:
     def skipped(self) -> list[SkippedRecord]:
         """The items that could not be embedded, with the reason."""
         return [
-            SkippedRecord(key=entry["key"], path=entry["path"], reason=entry["reason"])
+            SkippedRecord(entry.key, entry.path, entry.reason or "")
             for entry in self._iter_index()
-            if entry["status"] != "ok"
+            if not entry.embedded
         ]
 
-    def relabel(self, identity: dict[str, Any], items: Sequence[Item]) -> FeatureStore:
+    def relabel(self, identity: Mapping[str, Any], items: Sequence[Item]) -> FeatureStore:
         """The store with ``identity`` (its source set in ``meta.json`` too) and the captions and labels of
         ``items``, the source's items, which must have the stored keys and paths (else :class:`StoreError`).
 
         New index files are written beside the old ones, then ``meta.json`` is replaced to point at them, so
         an interruption leaves either store whole; the old index files are removed last.
         """
-        generation = int(self.meta.get("relabelled", 0)) + 1
+        checked = _IDENTITY.validate_python(identity)
+        generation = self.meta.get("relabelled", 0) + 1
         chunks = []
         start = 0
         for chunk in self._chunks:
             entries = _read_index(self.path / chunk["index"])
-            name = f"{CHUNK_DIR}/index-{int(chunk['id']):05d}.r{generation}.jsonl"
+            name = f"{CHUNK_DIR}/index-{chunk['id']:05d}.r{generation}.jsonl"
             _atomic_write(self.path / name, _index_bytes(_relabelled(self.path, entries, items, start)))
-            chunks.append({**chunk, "index": name})
+            chunks.append(chunk_record(chunk["id"], chunk["items"], chunk["rows"], index=name))
             start += len(entries)
         if start != len(items):
             raise _other_images(self.path, f"the source lists {len(items)} items, the store {start}")
         run_path = self.path / RUN_FILE
         if run_path.is_file():
-            _write_json(run_path, {**_read_json(run_path), "identity": identity})
-        meta = {
-            **self.meta,
-            "identity": identity,
-            "source": identity["source"],
-            "chunks": chunks,
-            "relabelled": generation,
-        }
+            _write_json(run_path, {**_read_run(self.path), "identity": checked})
+        meta = self.meta.copy()
+        meta["identity"], meta["source"] = checked, checked["source"]
+        meta["chunks"], meta["relabelled"] = chunks, generation
         _write_json(self.path / META_FILE, meta)
         for chunk in self._chunks:
             (self.path / chunk["index"]).unlink()
@@ -357,14 +580,18 @@ class FeatureStore:
 
 class StoreWriter:
     """Writes a store chunk by chunk, saving parts of a chunk while it fills; reopening a partial store
-    resumes after its last saved part."""
+    resumes after its last saved part. ``run`` is the store's ``run.json``."""
 
-    def __init__(self, path: Path, run: dict[str, Any]) -> None:
+    def __init__(self, path: Path, run: Mapping[str, Any]) -> None:
         self.path = path
-        self.run = run
-        self.chunk_size = int(run["settings"]["chunk_size"])
-        self.dtype = np.dtype(run["settings"]["dtype"])
-        self.dim = int(run["settings"]["dim"])
+        try:
+            self.run: RunRecord = _RUN.validate_python(run)
+        except ValidationError as exc:
+            raise StoreError(f"{path / RUN_FILE} is damaged ({_first_error(exc)}); delete {path}") from None
+        settings = self.run["settings"]
+        self.chunk_size = settings["chunk_size"]
+        self.dtype = np.dtype(settings["dtype"])
+        self.dim = settings["dim"]
         self.chunks = self._complete_chunks()
         self.rows_written = sum(chunk["rows"] for chunk in self.chunks)
         self._remove_complete_parts()
@@ -374,67 +601,62 @@ class StoreWriter:
     def open(
         cls,
         path: str | Path,
-        identity: dict[str, Any],
-        settings: dict[str, Any],
+        identity: Mapping[str, Any],
+        settings: Mapping[str, Any],
         *,
         items: Sequence[Item] | None = None,
     ) -> StoreWriter:
         """Start a store in ``path`` or resume the partial one there.
 
-        ``identity`` (encoder and source) must match an existing run; its ``settings`` (chunk size, dtype,
-        dim, ...) are kept so that a resumed store is the same as an uninterrupted one. With the source's
-        ``items``, a run whose identity differs only in :data:`LABEL_FIELDS` is resumed too, after the
-        labels and captions of what it saved are rewritten from ``items``.
+        ``identity`` (:class:`StoreIdentity`: encoder and source) must match an existing run; its
+        ``settings`` (:class:`StoreSettings`: chunk size, dtype, dim, ...) are kept so that a resumed store
+        is the same as an uninterrupted one. With the source's ``items``, a run whose identity differs only
+        in :data:`LABEL_FIELDS` is resumed too, after the labels and captions of what it saved are
+        rewritten from ``items``.
         """
         root = Path(path)
+        wanted = _IDENTITY.validate_python(identity)
         run_path = root / RUN_FILE
         if run_path.is_file():
-            run = _read_json(run_path)
-            if not differs_only_in_labels(run["identity"], identity):
-                _check_identity(root, run["identity"], identity)
+            run = _read_run(root)
+            if not differs_only_in_labels(run["identity"], wanted):
+                _check_identity(root, run["identity"], wanted)
                 if not run.get("relabelling"):
                     return cls(root, run)
             if items is None:
                 raise StoreError(f"{root}: the labels of this partial store must be updated; run `cpp embed`")
             # Marked until every index file is rewritten, so that a rerun after an interruption, with
             # either source, rewrites them all again.
-            run = {**run, "identity": identity, "relabelling": True}
+            run = run.copy()
+            run["identity"], run["relabelling"] = wanted, True
             _write_json(run_path, run)
             writer = cls(root, run)
             writer._relabel(items)
-            writer.run = {key: value for key, value in run.items() if key != "relabelling"}
+            del writer.run["relabelling"]
             _write_json(run_path, writer.run)
             return writer
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise StoreError(
                 f"{root} exists and is not an empty directory or a feature store; choose another --out"
             )
+        checked = _SETTINGS.validate_python(settings)
         (root / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-        run = {"format": STORE_FORMAT, "version": STORE_VERSION, "identity": identity, "settings": settings}
+        run = RunRecord(format=STORE_FORMAT, version=STORE_VERSION, identity=wanted, settings=checked)
         _write_json(run_path, run)
         return cls(root, run)
 
-    def _complete_chunks(self) -> list[dict[str, Any]]:
-        chunks: list[dict[str, Any]] = []
+    def _complete_chunks(self) -> list[ChunkRecord]:
+        chunks: list[ChunkRecord] = []
         while (self.path / index_name(len(chunks))).is_file():
             number = len(chunks)
             entries = _read_index(self.path / index_name(number))
-            rows = sum(entry["status"] == "ok" for entry in entries)
-            chunks.append(
-                {
-                    "id": number,
-                    "features": features_name(number),
-                    "index": index_name(number),
-                    "items": len(entries),
-                    "rows": rows,
-                }
-            )
+            chunks.append(chunk_record(number, len(entries), sum(entry.embedded for entry in entries)))
         return chunks
 
-    def _saved_parts(self) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+    def _saved_parts(self) -> list[tuple[np.ndarray, list[IndexEntry]]]:
         """The saved parts of the chunk being written, in order: ``(features, entries)`` each."""
         chunk = len(self.chunks)
-        parts: list[tuple[np.ndarray, list[dict[str, Any]]]] = []
+        parts: list[tuple[np.ndarray, list[IndexEntry]]] = []
         while (self.path / part_index_name(chunk, len(parts))).is_file():
             number = len(parts)
             entries = _read_index(self.path / part_index_name(chunk, number))
@@ -444,7 +666,7 @@ class StoreWriter:
                 features = np.load(self.path / name, allow_pickle=False)
             except (OSError, ValueError):
                 features = None
-            ok = sum(entry["status"] == "ok" for entry in entries)
+            ok = sum(entry.embedded for entry in entries)
             if features is None or features.shape != (ok, self.dim):
                 raise StoreError(
                     f"{self.path}: part {name} is corrupt or missing; delete the part files of chunk {chunk} "
@@ -480,82 +702,84 @@ class StoreWriter:
         """Source items covered by complete chunks and the saved parts of the next one."""
         return sum(chunk["items"] for chunk in self.chunks) + sum(len(entries) for _, entries in self.parts)
 
-    def _block(self, what: str, features: np.ndarray, entries: list[dict[str, Any]]) -> np.ndarray:
+    def _block(self, what: str, features: np.ndarray, entries: list[IndexEntry]) -> np.ndarray:
         features = np.ascontiguousarray(features, dtype=self.dtype)
-        ok = sum(entry["status"] == "ok" for entry in entries)
+        ok = sum(entry.embedded for entry in entries)
         if features.shape != (ok, self.dim):
             raise ValueError(f"{what}: features {features.shape} do not match {ok} embedded items")
         return features
 
-    def write_part(self, features: np.ndarray, entries: list[dict[str, Any]]) -> None:
+    def write_part(self, features: np.ndarray, entries: Sequence[IndexEntry | Mapping[str, Any]]) -> None:
         """Save the next items of the chunk being written before it is full (arguments as for
         :meth:`write_chunk`), so that a run stopped before the chunk is complete resumes after them."""
         chunk, number = len(self.chunks), len(self.parts)
-        features = self._block(f"chunk {chunk} part {number}", features, entries)
+        checked = _entries(entries)
+        features = self._block(f"chunk {chunk} part {number}", features, checked)
         _atomic_write(self.path / part_features_name(chunk, number), _npy_bytes(features))
-        _atomic_write(self.path / part_index_name(chunk, number), _index_bytes(entries))
-        self.parts.append((features, list(entries)))
+        _atomic_write(self.path / part_index_name(chunk, number), _index_bytes(checked))
+        self.parts.append((features, checked))
 
-    def write_chunk(self, features: np.ndarray, entries: list[dict[str, Any]]) -> None:
+    def write_chunk(self, features: np.ndarray, entries: Sequence[IndexEntry | Mapping[str, Any]]) -> None:
         """Write the next chunk: its saved parts, then ``features`` of its other embedded items and one
-        index entry per other source item.
-
-        Entries have ``key``, ``path``, ``captions``, ``label``, ``status`` (``ok`` or ``skipped``) and
-        ``reason``; the ``row`` of each embedded item is assigned here.
-        """
+        :class:`IndexEntry` (or its JSON form) per other source item; the ``row`` of each embedded item is
+        assigned here."""
         number = len(self.chunks)
-        features = self._block(f"chunk {number}", features, entries)
+        checked = _entries(entries)
+        features = self._block(f"chunk {number}", features, checked)
         if self.parts:
             features = np.concatenate([part for part, _ in self.parts] + [features], axis=0)
-            entries = [entry for _, saved in self.parts for entry in saved] + entries
+            checked = [entry for _, saved in self.parts for entry in saved] + checked
         records = []
         row = self.rows_written
-        for entry in entries:
-            records.append(dict(entry, row=row if entry["status"] == "ok" else None))
-            row += entry["status"] == "ok"
+        for entry in checked:
+            records.append(replace(entry, row=row if entry.embedded else None))
+            row += entry.embedded
         _atomic_write(self.path / features_name(number), _npy_bytes(features))
         _atomic_write(self.path / index_name(number), _index_bytes(records))
-        self.chunks.append(
-            {
-                "id": number,
-                "features": features_name(number),
-                "index": index_name(number),
-                "items": len(entries),
-                "rows": len(features),
-            }
-        )
+        self.chunks.append(chunk_record(number, len(records), len(features)))
         self.rows_written = row
         self._remove_complete_parts()
         self.parts = []
 
-    def finish(self, meta: dict[str, Any]) -> FeatureStore:
-        """Write ``meta.json`` (run identity, settings, chunk list and counts added) and open the store.
+    def finish(self, details: Mapping[str, Any] | None = None) -> FeatureStore:
+        """Write ``meta.json``: the run's identity and settings, the chunk list and counts, and ``details``
+        (:class:`StoreDetails`) of how the store was made; then open the store.
 
         Saved parts not yet in a chunk become the last chunk.
         """
+        described = _DETAILS.validate_python(details or {})
+        identity = self.run["identity"]
+        for field in ("encoder_id", "source"):
+            if field in described and described[field] != identity[field]:
+                raise ValueError(f"{field} {described[field]!r} is not the store's")
         if self.parts:
             self.write_chunk(np.zeros((0, self.dim), dtype=self.dtype), [])
         items = self.items_done
-        full = dict(meta)
-        full.update(
+        meta = StoreMeta(
             format=STORE_FORMAT,
             version=STORE_VERSION,
             complete=True,
-            identity=self.run["identity"],
+            identity=identity,
+            settings=self.run["settings"],
             dim=self.dim,
-            dtype=self.dtype.name,
+            dtype=self.run["settings"]["dtype"],
             chunk_size=self.chunk_size,
             chunks=self.chunks,
-            counts={"items": items, "embedded": self.rows_written, "skipped": items - self.rows_written},
+            counts=StoreCounts(items=items, embedded=self.rows_written, skipped=items - self.rows_written),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            encoder_id=identity["encoder_id"],
+            encoder=described.get("encoder", {}),
+            source=identity["source"],
         )
-        full.setdefault("settings", self.run["settings"])
-        _write_json(self.path / META_FILE, full)
+        for optional in ("preprocessing", "run", "timings_s"):
+            if optional in described:
+                meta[optional] = described[optional]
+        _write_json(self.path / META_FILE, meta)
         return FeatureStore.open(self.path)
 
 
 def check_complete_store(
-    path: str | Path, identity: dict[str, Any], *, items: Callable[[], Sequence[Item]] | None = None
+    path: str | Path, identity: Mapping[str, Any], *, items: Callable[[], Sequence[Item]] | None = None
 ) -> FeatureStore | None:
     """The complete store at ``path`` when its identity matches; ``None`` when there is none yet.
 
@@ -568,7 +792,7 @@ def check_complete_store(
     if not FeatureStore.exists(root):
         return None
     store = FeatureStore.open(root)
-    existing = store.meta.get("identity", {})
+    existing = store.meta["identity"]
     if items is not None and differs_only_in_labels(existing, identity):
         return store.relabel(identity, items())
     _check_identity(root, existing, identity)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpp.store import FeatureStore, StoreWriter
+from cpp.store import FeatureStore, IndexEntry, StoreWriter
 
 
 def subspace_mixture(n: int, d: int, k: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -26,9 +26,7 @@ def write_store(path: Path, x: np.ndarray, chunk_size: int, dtype: str = "float3
     writer = StoreWriter.open(path, identity, settings)
     for start in range(0, len(x), chunk_size):
         block = x[start : start + chunk_size]
-        entries: list[dict[str, object]] = [
-            {"key": f"row{i}", "path": None, "captions": [], "label": None, "status": "ok", "reason": None}
-            for i in range(start, start + len(block))
-        ]
-        writer.write_chunk(block, entries)
-    return writer.finish({"encoder_id": "synthetic", "encoder": {}, "source": identity["source"]})
+        writer.write_chunk(
+            block, [IndexEntry(f"row{i}", None, item=i) for i in range(start, start + len(block))]
+        )
+    return writer.finish()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from synthetic import subspace_mixture
+from synthetic import subspace_mixture, write_store
 
 from cpp.errors import CppError
 from cpp.fit import FitConfig, FittedHead, auto_epochs, fit_head
@@ -107,20 +106,9 @@ def test_transform_rejects_wrong_dimension() -> None:
 
 def test_cli_fit_writes_checkpoint_and_labels(tmp_path: Path) -> None:
     from cpp.cli import main
-    from cpp.store import StoreWriter
 
     x, _ = subspace_mixture(120, 20, 3, 2)
-    writer = StoreWriter.open(
-        tmp_path / "store",
-        {"encoder": "test", "source": "test"},
-        {"dim": 20, "dtype": "float32", "chunk_size": 200},
-    )
-    entries: list[dict[str, Any]] = [
-        {"key": str(i), "path": None, "captions": [], "label": None, "status": "ok", "reason": None}
-        for i in range(len(x))
-    ]
-    writer.write_chunk(x, entries)
-    writer.finish({})
+    write_store(tmp_path / "store", x, chunk_size=200)
     out = tmp_path / "run"
     argv = ["fit", str(tmp_path / "store"), "--out", str(out), "--clusters", "3", "--epochs", "2"]
     assert main([*argv, "--batch-size", "64", "--context-k", "2", "--device", "cpu", "--quiet"]) == 0
