@@ -259,8 +259,10 @@ def merge(
         into = ids[0]
         draft.labels[np.isin(draft.labels, ids[1:])] = into
         target = draft.clusters[into]
-        pools = [draft.clusters[c].representatives for c in sorted(ids, key=lambda c: -draft.clusters[c].size)]
-        target.representatives = [rep for group in zip(*_padded(pools)) for rep in group if rep][
+        pools = [
+            draft.clusters[c].representatives for c in sorted(ids, key=lambda c: -draft.clusters[c].size)
+        ]
+        target.representatives = [rep for group in zip(*_padded(pools), strict=True) for rep in group if rep][
             : max(REPRESENTATIVES, len(target.representatives))
         ]
         if text is not None:
@@ -303,7 +305,11 @@ def mark_outliers(cl: Clustering, rows: Sequence[int], *, expected: int | None =
         _refill(draft, mem, touched)
         mapping = _drop_empty(draft)
         return _commit(
-            cl, draft, "outlier", {"rows": selected.tolist()}, sorted(mapping[c] for c in touched if c in mapping)
+            cl,
+            draft,
+            "outlier",
+            {"rows": selected.tolist()},
+            sorted(mapping[c] for c in touched if c in mapping),
         )
 
 
@@ -358,9 +364,7 @@ def split_labels(z: np.ndarray, codes: np.ndarray, parts: int, *, seed: int = 0)
     return mapping[labels]
 
 
-def split(
-    cl: Clustering, cluster: int, parts: int, *, seed: int = 0, expected: int | None = None
-) -> Outcome:
+def split(cl: Clustering, cluster: int, parts: int, *, seed: int = 0, expected: int | None = None) -> Outcome:
     """Split ``cluster`` into ``parts`` by re-running the readout's clustering on its members (in the head's
     space when the clustering has a head). The largest part keeps the id; the others are appended. The parts
     are named after the cluster with a number (rename them); their representatives are the members nearest
@@ -382,7 +386,7 @@ def split(
         if made < 2:
             raise CurationError(f"cluster {cluster} could not be split: all its images fell into one part")
         count = max(REPRESENTATIVES, len(source.representatives))
-        ids = [cluster] + list(range(len(draft.clusters), len(draft.clusters) + made - 1))
+        ids = [cluster, *range(len(draft.clusters), len(draft.clusters) + made - 1)]
         base = source.name
         for part in range(made):
             in_part = local == part

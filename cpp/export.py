@@ -83,7 +83,8 @@ def coco_document(cl: Clustering) -> dict[str, object]:
     for c in result.clusters:
         categories.setdefault(c.name, len(categories) + 1)
     names = _names(result)
-    images, annotations = [], []
+    images: list[dict[str, object]] = []
+    annotations: list[dict[str, object]] = []
     for i, a in enumerate(assignments(cl)):
         images.append({"id": i + 1, "file_name": a.path or a.key, "cpp_key": a.key})
         if a.cluster != OUTLIER:

@@ -339,8 +339,8 @@ def write_site(
     (partial / "data").mkdir(parents=True)
     (partial / "thumbs").mkdir()
     (partial / "ui").mkdir()
-    page = ui_asset("index.html").replace(b"<html ", b'<html data-static="1" ', 1)
-    (partial / "index.html").write_bytes(page)
+    html = ui_asset("index.html").replace(b"<html ", b'<html data-static="1" ', 1)
+    (partial / "index.html").write_bytes(html)
     for name in UI_ASSETS:
         (partial / "ui" / name).write_bytes(ui_asset(name))
 
@@ -348,7 +348,7 @@ def write_site(
     wanted: set[int] = set()
     for c in card["clusters"]:
         wanted.update(c["thumbs"])
-    files = {"overview": card, "run": run_view(cl), "map": map_view(cl)}
+    files: dict[str, dict[str, Any]] = {"overview": card, "run": run_view(cl), "map": map_view(cl)}
     for c in [*card["clusters"], {"id": OUTLIER}]:
         page = cluster_page(cl, c["id"], limit=per_cluster)
         if c["id"] == OUTLIER and not page["total"]:

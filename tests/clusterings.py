@@ -1,4 +1,4 @@
-"""Synthetic clustering artifacts for the curation, export, gallery and UI tests (and scripts/bench_gallery.py).
+"""Synthetic clustering artifacts for the curation, export, gallery and UI tests (and bench_gallery.py).
 
 :func:`make_clustering` writes what ``cpp cluster`` leaves in a work directory — a feature store, a readout,
 revision 0 and the result — for ``k`` well-separated clusters of random unit features, with a small PNG on
@@ -21,7 +21,16 @@ from cpp.clustering import Clustering
 from cpp.knn import normalize_rows
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.readout import cluster_bases
-from cpp.result import Assignment, Cluster, ClusterResult, Counts, KSelection, NameScore, RunInfo
+from cpp.result import (
+    Assignment,
+    Cluster,
+    ClusterResult,
+    Counts,
+    KSelection,
+    NameScore,
+    RunInfo,
+    SkippedFile,
+)
 from cpp.sources import resolved_spec
 from cpp.store import StoreWriter
 
@@ -69,7 +78,7 @@ def make_clustering(
     keys, paths = [], []
     if shards:
         source = SourceSpec(type="webdataset", path=str(image_root / f"{{0..{shards - 1}}}.tar"))
-        handles = [tarfile.open(image_root / f"{s}.tar", "w") for s in range(shards)]
+        handles = [tarfile.open(image_root / f"{s}.tar", "w") for s in range(shards)]  # noqa: SIM115
         for i in range(n):
             s = i % shards
             member = f"{i:06d}.png"
@@ -102,8 +111,14 @@ def make_clustering(
     for start in range(0, n, 4096):
         stop = min(n, start + 4096)
         entries: list[dict[str, object]] = [
-            {"key": keys[i], "path": paths[i], "captions": [], "label": f"class{truth[i]}", "status": "ok",
-             "reason": None}
+            {
+                "key": keys[i],
+                "path": paths[i],
+                "captions": [],
+                "label": f"class{truth[i]}",
+                "status": "ok",
+                "reason": None,
+            }
             for i in range(start, stop)
         ]
         writer.write_chunk(x[start:stop], entries)
@@ -137,8 +152,15 @@ def make_clustering(
             )
         )
     records = [
-        {"key": keys[i], "path": paths[i], "cluster": int(labels[i]), "confidence": round(float(confidence[i]), 5),
-         "label": names[labels[i]], "label_score": 0.3, "true_label": f"class{truth[i]}"}
+        {
+            "key": keys[i],
+            "path": paths[i],
+            "cluster": int(labels[i]),
+            "confidence": round(float(confidence[i]), 5),
+            "label": names[labels[i]],
+            "label_score": 0.3,
+            "true_label": f"class{truth[i]}",
+        }
         for i in range(n)
     ]
     inline = n <= INLINE_MAX
@@ -158,7 +180,9 @@ def make_clustering(
             source=resolved_spec(source),
             timings_s={"embed": 1.5, "fit": 2.0, "readout": 0.5, "name": 0.25, "total": 4.25},
             counts=Counts(items=n + 1, embedded=n, skipped=1),
-            skipped=[{"key": "broken.png", "path": str(image_root / "broken.png"), "reason": "cannot decode"}],
+            skipped=[
+                SkippedFile(key="broken.png", path=str(image_root / "broken.png"), reason="cannot decode")
+            ],
             created_at=created,
             work_dir=str(work.resolve()),
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,9 @@ def test_restore_and_conflicts(cl: Clustering) -> None:
         (lambda cl: curation.mark_outliers(cl, list(range(48))), "without clusters"),
     ],
 )
-def test_bad_edits_are_one_line_errors(cl: Clustering, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_edits_are_one_line_errors(
+    cl: Clustering, edit: Callable[[Clustering], object], message: str
+) -> None:
     with pytest.raises(CurationError, match=message):
         edit(cl)
     assert cl.revision == 0

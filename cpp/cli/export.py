@@ -19,10 +19,14 @@ def register(subparsers: Any) -> None:
         "images (images inside tar shards are written out as files).",
     )
     parser.add_argument(
-        "clustering", type=Path, help="a `cpp cluster` work directory, a service job's folder, or its result JSON"
+        "clustering",
+        type=Path,
+        help="a `cpp cluster` work directory, a service job's folder, or its result JSON",
     )
     add_option(parser, ExportOptions, "format")
-    parser.add_argument("--out", type=Path, required=True, help="output file (a new folder for --format folders)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output file (a new folder for --format folders)"
+    )
     parser.set_defaults(func=run, quiet=True)
 
 

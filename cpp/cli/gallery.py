@@ -19,9 +19,13 @@ def register(subparsers: Any) -> None:
         "run. It opens from disk without a server (site/index.html); share the folder as it is.",
     )
     parser.add_argument(
-        "clustering", type=Path, help="a `cpp cluster` work directory, a service job's folder, or its result JSON"
+        "clustering",
+        type=Path,
+        help="a `cpp cluster` work directory, a service job's folder, or its result JSON",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder (an existing gallery is replaced)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (an existing gallery is replaced)"
+    )
     add_option(parser, GalleryOptions, "members", metavar="N")
     parser.set_defaults(func=run, quiet=True)
 
@@ -34,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     opened = clustering.open(args.clustering)
     counts = write_site(opened, out, per_cluster=args.members)
     missing = f"; {counts['failed']} images could not be read" if counts["failed"] else ""
-    print(f"wrote {out / 'index.html'}: {counts['clusters']} clusters, {counts['thumbnails']} thumbnails{missing}")
+    made = f"{counts['clusters']} clusters, {counts['thumbnails']} thumbnails"
+    print(f"wrote {out / 'index.html'}: {made}{missing}")
     return 0

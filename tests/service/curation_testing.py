@@ -10,12 +10,19 @@ from typing import Any
 from service_testing import FakePipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clusterings import make_clustering  # noqa: E402
+from clusterings import make_clustering
 
-from cpp.options import ClusterOptions, SourceSpec  # noqa: E402
-from cpp.result import ClusterResult  # noqa: E402
+from cpp.options import ClusterOptions, SourceSpec
+from cpp.result import ClusterResult
 
-NAMES = ["tabby cat", "<img src=x onerror=alert(1)>", "golden retriever", "night sky", "sports car", "sunflower"]
+NAMES = [
+    "tabby cat",
+    "<img src=x onerror=alert(1)>",
+    "golden retriever",
+    "night sky",
+    "sports car",
+    "sunflower",
+]
 
 
 class ClusteringPipeline(FakePipeline):

@@ -1,6 +1,8 @@
-"""The browser UI in a real headless Chromium (Debian's ``chromium``, driven by Playwright): sign in, one card per
-cluster, rename / merge / split / move through the page (then the API shows each new revision), names shown
-as text, and the static gallery opened from disk. Screenshots are saved in the test's temporary folder."""
+"""The browser UI in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Sign in, one card per cluster, rename / merge / split / move through the page (then the API shows each new
+revision), names shown as text, and the static gallery opened from disk. Screenshots are saved in the test's
+temporary folder."""
 
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ def server(settings: Settings) -> Iterator[tuple[str, Settings]]:
     secured = settings.model_copy(update={"api_keys": [KEY]})
     app = create_app(secured, pipeline=ClusteringPipeline(), encoder_factory=CountingEncoderFactory())
     port = _free_port()
-    instance = uvicorn.Server(server_config(secured, host="127.0.0.1", port=port, log_level="warning", app=app))
+    instance = uvicorn.Server(
+        server_config(secured, host="127.0.0.1", port=port, log_level="warning", app=app)
+    )
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -71,7 +75,9 @@ def browser() -> Iterator[Any]:
 def _job(base: str, image_root: Path) -> str:
     headers = {"X-API-Key": KEY}
     job = httpx.post(
-        f"{base}/v1/jobs", json={"source": {"type": "folder", "path": str(image_root / "set")}}, headers=headers
+        f"{base}/v1/jobs",
+        json={"source": {"type": "folder", "path": str(image_root / "set")}},
+        headers=headers,
     ).json()["id"]
     deadline = time.monotonic() + 20
     while httpx.get(f"{base}/v1/jobs/{job}", headers=headers).json()["status"] != "succeeded":
@@ -98,9 +104,18 @@ def _until(page: Any, expression: str, timeout: float = 10) -> None:
 def _watch(page: Any) -> list[str]:
     """Page errors, console errors and dialogs (an alert would mean injected script ran)."""
     seen: list[str] = []
+
+    def console(message: Any) -> None:
+        if message.type == "error":
+            seen.append(f"console: {message.text}")
+
+    def dialog(shown: Any) -> None:
+        seen.append(f"dialog: {shown.message}")
+        shown.dismiss()
+
     page.on("pageerror", lambda error: seen.append(f"error: {error}"))
-    page.on("console", lambda m: seen.append(f"console: {m.text}") if m.type == "error" else None)
-    page.on("dialog", lambda d: (seen.append(f"dialog: {d.message}"), d.dismiss()))
+    page.on("console", console)
+    page.on("dialog", dialog)
     return seen
 
 
@@ -120,7 +135,9 @@ def test_curation_through_the_browser(
     page.fill("#api-key", KEY)
     page.click("button[type=submit]")
     page.wait_for_selector("text=Open clusters")
-    assert problems == ["console: Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
+    assert problems == [
+        "console: Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+    ]
     problems.clear()  # the jobs list asked before signing in
     page.screenshot(path=str(shots / "jobs.png"))
 
@@ -182,7 +199,9 @@ def test_curation_through_the_browser(
     page.screenshot(path=str(shots / "run.png"), full_page=True)
     assert page.locator(".edits li").count() == 4
     assert problems == []
-    assert all((shots / f"{name}.png").stat().st_size > 5000 for name in ("overview", "cluster", "map", "run"))
+    assert all(
+        (shots / f"{name}.png").stat().st_size > 5000 for name in ("overview", "cluster", "map", "run")
+    )
 
 
 def test_static_gallery_opens_from_disk(

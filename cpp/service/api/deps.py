@@ -102,7 +102,10 @@ def check_csrf(request: Request) -> None:
     cookie, header = request.cookies.get(CSRF_COOKIE, ""), request.headers.get(CSRF_HEADER, "")
     if not cookie or not hmac.compare_digest(cookie.encode(), header.encode()):
         raise ApiProblem(
-            403, "csrf", "CSRF check failed", f"send the {CSRF_COOKIE} cookie's value as the {CSRF_HEADER} header"
+            403,
+            "csrf",
+            "CSRF check failed",
+            f"send the {CSRF_COOKIE} cookie's value as the {CSRF_HEADER} header",
         )
 
 

@@ -1,5 +1,5 @@
-"""``/v1/clusterings/{id}/...``: what the browser UI shows of a clustering, its thumbnails and exports, and the
-curation edits (rename, merge, move, split, outliers, restore), each committing a new revision.
+"""``/v1/clusterings/{id}/...``: what the browser UI shows of a clustering, its thumbnails and exports,
+and the curation edits (rename, merge, move, split, outliers, restore), each committing a new revision.
 
 Same authentication as the rest of ``/v1``; edits made with the UI's session cookie, and every edit on a
 service without keys, must pass the CSRF check (:func:`cpp.service.api.deps.check_csrf`).
@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,7 +41,13 @@ Expected = Field(
 )
 
 
-def csrf_for_browsers(request: Request) -> None:
+def csrf_for_browsers(
+    request: Request,
+    token: Annotated[
+        str | None,
+        Header(alias=CSRF_HEADER, description="The cpp_csrf cookie's value, for requests without an API key"),
+    ] = None,
+) -> None:
     """Edits without an API-key header (the UI's cookie, or a service without keys) need the CSRF token."""
     if "authorization" not in request.headers and "x-api-key" not in request.headers:
         check_csrf(request)
@@ -189,7 +195,9 @@ def _edited(call: Callable[[], Outcome]) -> EditResult:
 
 class RenameRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=curation.MAX_NAME_CHARS, description="Free text or an alternative.")
+    name: str = Field(
+        min_length=1, max_length=curation.MAX_NAME_CHARS, description="Free text or an alternative."
+    )
     expected_revision: int | None = Expected
 
 
@@ -225,44 +233,42 @@ class RestoreRequest(BaseModel):
     expected_revision: int | None = Expected
 
 
-_edit = {
-    "responses": _EDIT,
-    "dependencies": [Depends(csrf_for_browsers)],
-    "openapi_extra": {"parameters": [{"name": CSRF_HEADER, "in": "header", "required": False,
-                                      "schema": {"type": "string"},
-                                      "description": "The cpp_csrf cookie, for requests authenticated by the UI's cookie"}]},
-}
+#: The edits: a CSRF check for browsers, and their problem answers.
+edits = APIRouter(dependencies=[Depends(csrf_for_browsers)], responses=_EDIT)
 
 
-@router.post("/clusters/{cluster}/rename", summary="Rename a cluster", **_edit)
+@edits.post("/clusters/{cluster}/rename", summary="Rename a cluster")
 def post_rename(found: ClusteringDep, cluster: ClusterId, body: RenameRequest) -> EditResult:
     return _edited(lambda: curation.rename(found, cluster, body.name, expected=body.expected_revision))
 
 
-@router.post("/merge", summary="Merge clusters", **_edit)
+@edits.post("/merge", summary="Merge clusters")
 def post_merge(found: ClusteringDep, body: MergeRequest) -> EditResult:
     return _edited(
         lambda: curation.merge(found, body.clusters, name=body.name, expected=body.expected_revision)
     )
 
 
-@router.post("/move", summary="Move images to another cluster", **_edit)
+@edits.post("/move", summary="Move images to another cluster")
 def post_move(found: ClusteringDep, body: MoveRequest) -> EditResult:
     return _edited(lambda: curation.move(found, body.rows, body.to, expected=body.expected_revision))
 
 
-@router.post("/clusters/{cluster}/split", summary="Split a cluster", **_edit)
+@edits.post("/clusters/{cluster}/split", summary="Split a cluster")
 def post_split(found: ClusteringDep, cluster: ClusterId, body: SplitRequest) -> EditResult:
     """Re-run the readout's clustering on the cluster's members, into ``parts`` clusters."""
     return _edited(lambda: curation.split(found, cluster, body.parts, expected=body.expected_revision))
 
 
-@router.post("/outliers", summary="Mark images as outliers", **_edit)
+@edits.post("/outliers", summary="Mark images as outliers")
 def post_outliers(found: ClusteringDep, body: OutlierRequest) -> EditResult:
     return _edited(lambda: curation.mark_outliers(found, body.rows, expected=body.expected_revision))
 
 
-@router.post("/restore", summary="Restore a revision", **_edit)
+@edits.post("/restore", summary="Restore a revision")
 def post_restore(found: ClusteringDep, body: RestoreRequest) -> EditResult:
     """A new revision with the state of an earlier one."""
     return _edited(lambda: curation.restore(found, body.revision, expected=body.expected_revision))
+
+
+router.include_router(edits)

@@ -42,7 +42,10 @@ def _headers() -> dict[str, str]:
 def _set_csrf(request: Request, response: Response) -> None:
     if not request.cookies.get(CSRF_COOKIE):
         response.set_cookie(
-            CSRF_COOKIE, secrets.token_urlsafe(32), samesite="strict", secure=request.url.scheme == "https",
+            CSRF_COOKIE,
+            secrets.token_urlsafe(32),
+            samesite="strict",
+            secure=request.url.scheme == "https",
             path="/",
         )
 
@@ -64,7 +67,10 @@ class Session(BaseModel):
 def session(request: Request, settings: SettingsDep) -> Session:
     required = bool(settings.api_keys or settings.admin_keys)
     key = request.cookies.get(SESSION_COOKIE)
-    return Session(keys_required=required, signed_in=not required or (bool(key) and key_caller(key, settings) is not None))
+    return Session(
+        keys_required=required,
+        signed_in=not required or (key is not None and key_caller(key, settings) is not None),
+    )
 
 
 class Login(BaseModel):
@@ -73,7 +79,9 @@ class Login(BaseModel):
 
 
 @router.post(
-    "/ui/login", summary="Sign the browser in with an API key", status_code=204,
+    "/ui/login",
+    summary="Sign the browser in with an API key",
+    status_code=204,
     responses=problem_responses(401, 403, 422),
 )
 def login(request: Request, body: Login, settings: SettingsDep) -> Response:
@@ -83,8 +91,13 @@ def login(request: Request, body: Login, settings: SettingsDep) -> Response:
         raise ApiProblem(401, "unauthorized", "Unauthorized", "the API key is not valid")
     response = Response(status_code=204)
     response.set_cookie(
-        SESSION_COOKIE, body.key, max_age=_SESSION_S, httponly=True, samesite="strict",
-        secure=request.url.scheme == "https", path="/",
+        SESSION_COOKIE,
+        body.key,
+        max_age=_SESSION_S,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
     )
     return response
 
