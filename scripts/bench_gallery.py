@@ -99,11 +99,11 @@ def main() -> None:
         started = time.perf_counter()
         gallery.overview(opened)
         in_process_ms = (time.perf_counter() - started) * 1000
-        token = client.get("/").cookies.get("cpp_csrf", "")
+        token = client.cookies.get("cpp_csrf", "")  # set when the page was fetched
         started = time.perf_counter()
         renamed = client.post(
             f"/v1/clusterings/{job['id']}/clusters/0/rename", json={"name": "renamed"},
-            headers={"X-CSRF-Token": token}, cookies={"cpp_csrf": token},
+            headers={"X-CSRF-Token": token},
         )
         edit_ms = (time.perf_counter() - started) * 1000
         assert renamed.status_code == 200, renamed.text

@@ -30,7 +30,7 @@ from cpp.thumbnails import ThumbnailError, Thumbnails
 router = APIRouter(prefix="/clusterings/{clustering_id}", tags=["curation"])
 
 _READ = problem_responses(401, 404, 409, 422)
-_EDIT = problem_responses(401, 403, 404, 409, 422)
+_EDIT = problem_responses(400, 401, 403, 404, 409, 422)
 T = TypeVar("T")
 
 ClusterId = Annotated[int, Path(ge=-1, le=1_000_000, description="Cluster id in the newest revision")]
