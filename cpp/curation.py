@@ -9,12 +9,13 @@ overwrite. Cluster ids of a revision are always 0..K-1: a merge, or a move or ou
 cluster, renumbers the clusters after it.
 
 :class:`Members` is the per-row view (keys, display paths, readout confidence) the curation, the gallery and
-the thumbnails share; it is read once per clustering from the feature store's index and cached.
+the thumbnails share; it is read once per clustering from its assignments (store row order) and cached.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import threading
 import unicodedata
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cpp.clustering import OUTLIER, Clustering
+from cpp.clustering import ASSIGNMENTS_FILE, OUTLIER, Clustering
 from cpp.errors import CppError
 from cpp.result import Cluster, Edit, NameScore
 
@@ -104,9 +105,15 @@ def members(cl: Clustering) -> Members:
             return found
     keys: list[str] = []
     paths: list[str | None] = []
-    for row in open_store(cl).iter_rows():
-        keys.append(row.key)
-        paths.append(row.path)
+    result = cl.result()
+    if result.assignments is not None:
+        keys = [a.key for a in result.assignments]
+        paths = [a.path for a in result.assignments]
+    else:  # one JSON object per line, in store row order, parsed as one array (a raw newline ends a line)
+        text = (cl.path / (result.assignments_file or ASSIGNMENTS_FILE)).read_text(encoding="utf-8")
+        records = json.loads("[" + text.rstrip("\n").replace("\n", ",") + "]")
+        keys = [record["key"] for record in records]
+        paths = [record.get("path") for record in records]
     readout = cl.readout()
     found = Members(keys, paths, readout.confidence.astype(np.float32), readout.fit.astype(np.float32))
     with _members_lock:
