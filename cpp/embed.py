@@ -24,7 +24,7 @@ import torch
 from cpp.encoders.base import Encoder
 from cpp.engines import EmbedEngine, LocalEngine
 from cpp.images import DEFAULT_MAX_PIXELS
-from cpp.logging import get_logger, progress_bar
+from cpp.logging import get_logger
 from cpp.options import SourceSpec, StoreDtype
 from cpp.progress import Cancelled, RunControl
 from cpp.sources import Roots, SourceItems, resolved_spec
@@ -133,16 +133,13 @@ def embed_source(
     units = plan_units(resumed, len(items), writer.chunk_size, batch_size)
     max_pixels_used = writer.run["settings"]["max_pixels"]
     control = control or RunControl()
-    stage = control.stage("embed", total=len(items))
     encode_s = 0.0
     chunk_features: list[np.ndarray] = []
     chunk_entries: list[IndexEntry] = []
     with (
-        progress_bar(total=len(items), initial=resumed, unit="img", desc="embed", smoothing=0.1) as bar,
+        closing(control.stage("embed", len(items), unit="img", initial=resumed)) as stage,
         closing(engine.run(items, units, encoder, max_pixels_used)) as encoded,  # stops the engine on errors
     ):
-        if resumed:
-            stage.advance(resumed)
         expected = resumed
         saved_at = time.perf_counter()
         for unit in encoded:
@@ -161,7 +158,6 @@ def embed_source(
                 write(_stack(chunk_features, encoder.dim), chunk_entries)
                 chunk_features, chunk_entries = [], []
                 saved_at = time.perf_counter()
-            bar.update(unit.size)
             try:
                 stage.advance(unit.size)
             except Cancelled:

@@ -27,7 +27,7 @@ from cpp.errors import CppError
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.heads import CrateHead, HeadConfig, build_head
 from cpp.knn import build_index, knn_indices, normalize_rows, search_excluding
-from cpp.logging import get_logger, progress_bar
+from cpp.logging import get_logger
 from cpp.progress import RunControl
 from cpp.rate import coding_rate, coding_rate_clusters, membership
 
@@ -357,8 +357,7 @@ def fit_head(
     epochs = fit_config.epochs or auto_epochs(n, fit_config)
     generator = torch.Generator(device="cpu").manual_seed(fit_config.seed)
     history: list[dict[str, float]] = []
-    stage = control.stage("fit", epochs)
-    bar = progress_bar(total=epochs * steps_per_epoch, desc="fit", unit="step")
+    stage = control.stage("fit", epochs, unit="epoch")
     head.train()
     try:
         for epoch in range(epochs):
@@ -384,7 +383,6 @@ def fit_head(
                 optimizer.step()
                 for name, value in {"loss": loss.detach(), **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value
-                bar.update(1)
             record = {name: float(value) / steps_per_epoch for name, value in sums.items()}
             if not all(math.isfinite(v) for v in record.values()):
                 raise FitInputError(
@@ -392,10 +390,10 @@ def fit_head(
                 )
             record.update(epoch=float(epoch + 1), seconds=time.perf_counter() - started)
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            stage.show(loss=f"{record['loss']:.3f}")
             log.debug("epoch %d/%d %s", epoch + 1, epochs, record)
             stage.advance()
     finally:
-        bar.close()
+        stage.close()
     head.eval()
     return FittedHead(head, head_config, fit_config.model_copy(update={"epochs": epochs}), in_dim, history)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cpp.encoders.base import Encoder, UnsupportedVocabulary
-from cpp.logging import get_logger, progress_bar
+from cpp.logging import get_logger
 from cpp.progress import StageReporter
 from cpp.vocab import CAPTIONS, SIMPLE_TEMPLATES, Vocabulary
 
@@ -108,16 +108,14 @@ def _embed(
 ) -> np.ndarray:
     out = np.empty((len(vocabulary), encoder.dim), dtype=np.float32)
     flags = np.asarray(vocabulary.templated, dtype=bool)
-    with progress_bar(total=len(vocabulary), desc="labels", unit="name") as bar:
-        for templated, prompt in ((True, tuple(templates)), (False, VERBATIM)):
-            rows = np.flatnonzero(flags == templated)
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                names = [vocabulary.names[i] for i in batch]
-                out[batch] = encoder.embed_labels(names, prompt).float().numpy()
-                bar.update(len(batch))
-                if stage:
-                    stage.advance(len(batch))
+    for templated, prompt in ((True, tuple(templates)), (False, VERBATIM)):
+        rows = np.flatnonzero(flags == templated)
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            names = [vocabulary.names[i] for i in batch]
+            out[batch] = encoder.embed_labels(names, prompt).float().numpy()
+            if stage:
+                stage.advance(len(batch))
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     out /= np.maximum(norms, 1e-12)
     return out

@@ -1,15 +1,10 @@
-"""One library logger and one global progress-bar switch (on in the CLI, off in the service)."""
+"""One library logger and one global progress-bar switch (on in the CLI, off in the service): the default of
+:attr:`cpp.progress.RunControl.bars`."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
-from tqdm.auto import tqdm
-
-T = TypeVar("T")
 
 _LIBRARY_LOGGER = "cpp"
 _progress_bars_enabled = False
@@ -47,7 +42,7 @@ def set_verbosity(level: int) -> None:
 
 
 def enable_progress_bars() -> None:
-    """Show progress bars (the CLI does this)."""
+    """Show progress bars in the run controls made from now on (the CLI does this)."""
     global _progress_bars_enabled
     _progress_bars_enabled = True
 
@@ -60,13 +55,3 @@ def disable_progress_bars() -> None:
 
 def progress_bars_enabled() -> bool:
     return _progress_bars_enabled
-
-
-def progress_bar(iterable: Iterable[T] | None = None, **kwargs: object) -> tqdm:
-    """A tqdm bar that honours the global switch."""
-    return tqdm(iterable, disable=not _progress_bars_enabled, **kwargs)
-
-
-def track(iterable: Iterable[T], **kwargs: object) -> Iterator[T]:
-    """Iterate with a progress bar when bars are enabled."""
-    yield from progress_bar(iterable, **kwargs)
