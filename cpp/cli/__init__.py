@@ -18,7 +18,7 @@ from cpp.cli.common import Interrupted
 from cpp.errors import CppError
 
 # Each module defines ``register(subparsers)``; its parser sets ``func(args) -> int``.
-_COMMAND_MODULES = ("embed", "fit", "cluster", "serve", "encoders", "export", "gallery")
+_COMMAND_MODULES = ("embed", "fit", "cluster", "assign", "serve", "encoders", "export", "gallery")
 
 
 class _Parser(argparse.ArgumentParser):
