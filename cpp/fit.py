@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from cpp.devices import resolve_device
 from cpp.errors import CppError
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.heads import CrateHead, HeadConfig, build_head
@@ -76,21 +77,6 @@ class FitConfig(BaseModel):
     max_train_samples: int = Field(default=50_000, ge=2, description="train on a random subset above this")
     seed: int = 0
     device: str = "auto"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise FitInputError(
-            f"device {device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'"
-        ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FitInputError(f"device {device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
-    return resolved
 
 
 def _autocast(device: torch.device) -> AbstractContextManager[Any]:

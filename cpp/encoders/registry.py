@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from cpp.devices import resolve_device
 from cpp.encoders.base import Encoder
 from cpp.errors import CppError, OptionError
 from cpp.registry import Registry
@@ -21,19 +22,6 @@ register_encoder = _ENCODERS.register
 list_encoders = _ENCODERS.names
 #: The factory registered under a name (its docstring describes the encoder family).
 encoder_factory = _ENCODERS.get
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"`` means CUDA when present, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise OptionError("device", "use 'auto', 'cpu' or 'cuda[:N]'", value=device) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("device", "CUDA is not available here; use 'cpu' or 'auto'", value=device)
-    return resolved
 
 
 def create_encoder(spec: str = "auto", *, device: str | torch.device | None = None) -> Encoder:
