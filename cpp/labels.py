@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cpp.encoders.base import Encoder, UnsupportedVocabulary
+from cpp.knn import normalize_rows
 from cpp.logging import get_logger
 from cpp.progress import StageReporter
 from cpp.vocab import CAPTIONS, SIMPLE_TEMPLATES, Vocabulary
@@ -116,6 +117,4 @@ def _embed(
             out[batch] = encoder.embed_labels(names, prompt).float().numpy()
             if stage:
                 stage.advance(len(batch))
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    out /= np.maximum(norms, 1e-12)
-    return out
+    return normalize_rows(out)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.fit import FittedHead
+from cpp.knn import normalize_rows
 from cpp.progress import StageReporter
 from cpp.vocab import Vocabulary
 
@@ -75,14 +76,10 @@ class Naming:
     image_scores: np.ndarray  # (N,) float32
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32, copy=False)
-
-
 @torch.no_grad()
 def labels_through_head(fitted: FittedHead, label_vectors: np.ndarray) -> np.ndarray:
     """Z of each label embedding fed to the head as a one-token set (no context neighbours)."""
-    tokens = torch.from_numpy(_normalise(label_vectors))[:, None, :].to(fitted.device)
+    tokens = torch.from_numpy(normalize_rows(label_vectors))[:, None, :].to(fitted.device)
     fitted.head.eval()
     z, _ = fitted.head(tokens)
     return z.float().cpu().numpy()
@@ -165,9 +162,9 @@ def name_clusters(
     if config.space == "head":
         if fitted is None:
             raise ValueError("naming in the head space needs the fitted head")
-        names = _normalise(labels_through_head(fitted, label_vectors))
+        names = normalize_rows(labels_through_head(fitted, label_vectors))
     else:
-        names = _normalise(label_vectors)
+        names = normalize_rows(label_vectors)
     k = int(labels.max()) + 1 if len(labels) else 0
     n = len(labels)
     dim = names.shape[1]
@@ -184,7 +181,7 @@ def name_clusters(
     samples: list[np.ndarray] = []
     name_t = torch.from_numpy(names)
     for start, block in _space_blocks(matrix, config.space, fitted, z):
-        images = _normalise(block - mean)
+        images = normalize_rows(block - mean)
         block_labels = labels[start : start + len(images)]
         top = (torch.from_numpy(images) @ name_t.T).topk(vote_k, dim=1)
         image_labels[start : start + len(images)] = top.indices[:, 0].numpy()
@@ -200,7 +197,7 @@ def name_clusters(
     if stage:
         stage.advance()
     if config.method == "centre":
-        scores = _normalise(totals.astype(np.float32)) @ names.T
+        scores = normalize_rows(totals.astype(np.float32)) @ names.T
     elif config.method == "vote":
         sizes = np.bincount(labels, minlength=k).astype(np.float64)
         scores = (totals / np.maximum(sizes, 1)[:, None]).astype(np.float32)
