@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import open_clip
 
 from cpp.errors import CppError
 from cpp.options import BUILTIN_VOCABULARIES, CAPTIONS
@@ -33,11 +32,18 @@ IMAGENET_MAPPED = ("coco80", "cifar10", "cifar100")
 IMAGENET_MAPS_FILE = "imagenet_maps.json"
 DEFAULT_MAX_CAPTIONS = 5000
 
-#: Prompt templates for class names ("{}" is replaced by the name): the seven-template subset that
-#: open_clip ships as SIMPLE_IMAGENET_TEMPLATES. Captions are embedded as they are, without templates.
-SIMPLE_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES)
-#: The full 80-template ImageNet ensemble (slower to embed; open_clip's OPENAI_IMAGENET_TEMPLATES).
-OPENAI_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+#: The prompt templates for class names ("{}" is replaced by the name), the one set cpp uses (naming and
+#: the text-tower encoders' default): the seven-template subset of the ImageNet ensemble that open_clip ships
+#: as SIMPLE_IMAGENET_TEMPLATES (tests/test_vocab.py checks they agree). Captions are embedded as they are.
+SIMPLE_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
 
 
 class VocabularyError(CppError):
@@ -101,7 +107,9 @@ def _of_names(names: Iterable[str], origin: str, *, templated: bool = True) -> V
 def builtin_vocabulary(name: str) -> Vocabulary:
     """One of :data:`BUILTIN_VOCABULARIES`."""
     if name == "imagenet1k":
-        return _of_names(open_clip.IMAGENET_CLASSNAMES, name)
+        from open_clip import IMAGENET_CLASSNAMES  # only here: importing open_clip takes seconds
+
+        return _of_names(IMAGENET_CLASSNAMES, name)
     if name in BUILTIN_VOCABULARIES:
         text = resources.files("cpp").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
         return _of_names(text.splitlines(), name)

@@ -56,9 +56,10 @@ def test_builtin_spot_checks() -> None:
         builtin_vocabulary("imagenet21k")
 
 
-def test_templates_have_a_placeholder() -> None:
+def test_templates_have_a_placeholder_and_are_open_clips() -> None:
     assert len(SIMPLE_TEMPLATES) == 7
     assert all(t.count("{}") == 1 for t in SIMPLE_TEMPLATES)
+    assert tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES) == SIMPLE_TEMPLATES
 
 
 def test_user_file_skips_blanks_and_comments(tmp_path: Path) -> None:

@@ -23,19 +23,10 @@ from PIL import Image
 from cpp.encoders.base import Encoder, EncoderUnavailable
 from cpp.encoders.preprocessing import split_transform, tensor_geometry
 from cpp.logging import get_logger
+from cpp.vocab import SIMPLE_TEMPLATES
 
 _log = get_logger(__name__)
 
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a cropped photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a rendition of a {}.",
-)
 _TEXT_BATCH = 256
 _HF_HOST = "huggingface.co"
 
@@ -213,7 +204,7 @@ class OpenClipEncoder(Encoder):
     @torch.inference_mode()
     def embed_labels(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Prompt-ensemble text embeddings: mean of the normalised ``template.format(name)`` embeddings."""
-        templates = tuple(templates) if templates else DEFAULT_TEMPLATES
+        templates = tuple(templates) if templates else SIMPLE_TEMPLATES
         bad = [t for t in templates if "{}" not in t]
         if bad:
             raise ValueError(
