@@ -61,7 +61,7 @@ RESULTS_FILE = clusterings.ASSIGNMENTS_FILE
 RESULTS_INDEX = clusterings.ASSIGNMENTS_INDEX
 SUMMARY_FILE = "summary.json"
 #: An image whose unit features have at least this cosine similarity with a member's is that member.
-MEMBER_SIMILARITY = 1.0 - 1e-4
+MEMBER_SIMILARITY = 1.0 - 1e-6
 #: Encoder description fields that may differ between the clustering and the new images: where and at which
 #: precision the encoder runs, and where its weights file lies (its tag and size must match).
 _RUNTIME_FIELDS = ("device", "precision")

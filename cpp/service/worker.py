@@ -1,7 +1,9 @@
 """Background workers: each runs queued jobs one at a time on its device, with encoders loaded once.
 
-A worker thread claims a job, calls ``run_cluster`` on the job's work directory (reading only under the
-allowed roots and the job's own folder) and records the outcome.
+A worker thread claims a job, calls ``run_cluster`` on the job's work directory (a cluster job) or
+``cpp.assign.assign`` with the clustering of the job's parent (an assignment job, whose folder lies in the
+parent's: ``jobs/<parent>/assign/<id>``), reading only under the allowed roots and the job's own folder,
+and records the outcome.
 A monitor thread beside it writes progress and heartbeats to the store and turns a cancel request seen in
 the store (from any process) into ``RunControl.cancel_event``, which the library checks between batches.
 """
@@ -22,10 +24,10 @@ from typing import Any, Protocol, cast
 from cpp.encoders.base import Encoder
 from cpp.errors import CppError
 from cpp.logging import get_logger
-from cpp.options import ClusterOptions, SourceSpec
+from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.progress import Cancelled, ProgressEvent, RunControl
 from cpp.result import Assignment, ClusterResult
-from cpp.service.store import JobRecord, JobStatus, JobStore
+from cpp.service.store import JobKind, JobRecord, JobStatus, JobStore
 from cpp.sources import Roots, confine_roots
 
 log = get_logger("cpp.service.worker")
@@ -51,6 +53,55 @@ class Pipeline(Protocol):
     def read_assignments(
         self, work_dir: str | Path, *, offset: int = 0, limit: int = 100
     ) -> tuple[list[Assignment], int]: ...
+
+
+class Assign(Protocol):
+    """The library call of assignment jobs (:func:`cpp.assign.assign`)."""
+
+    def __call__(
+        self,
+        clustering: Path,
+        source: SourceSpec,
+        work_dir: Path,
+        *,
+        options: AssignOptions,
+        encoder: Encoder,
+        control: RunControl,
+        roots: Roots,
+    ) -> object: ...
+
+
+#: Where an assignment job's files lie inside its clustering's job folder.
+ASSIGN_DIR = "assign"
+
+
+def assignment_folder(jobs_dir: Path, clustering_id: str, job_id: str) -> Path:
+    """The folder of assignment job ``job_id`` of the clustering of job ``clustering_id``."""
+    return jobs_dir / clustering_id / ASSIGN_DIR / job_id
+
+
+def job_folder(jobs_dir: Path, job: JobRecord) -> Path:
+    """The folder of ``job``: ``jobs/<id>``, or ``jobs/<parent>/assign/<id>`` for an assignment job."""
+    if job.kind is JobKind.assign and job.parent is not None:
+        return assignment_folder(jobs_dir, job.parent, job.id)
+    return jobs_dir / job.id
+
+
+def _library_assign(
+    clustering: Path,
+    source: SourceSpec,
+    work_dir: Path,
+    *,
+    options: AssignOptions,
+    encoder: Encoder,
+    control: RunControl,
+    roots: Roots,
+) -> object:
+    from cpp.assign import assign
+
+    return assign(
+        clustering, source, work_dir, options=options, encoder=encoder, control=control, roots=roots
+    )
 
 
 def library_pipeline() -> Pipeline:
@@ -123,6 +174,7 @@ class Worker:
         nice: int = 0,
         progress_interval_s: float = 0.5,
         on_finish: FinishCallback | None = None,
+        assign: Assign = _library_assign,
     ) -> None:
         self.store = store
         self.jobs_dir = jobs_dir
@@ -135,6 +187,7 @@ class Worker:
         self.lease_s = lease_s
         self.progress_interval_s = progress_interval_s
         self.on_finish = on_finish
+        self.assign = assign
         self.id = f"{socket.gethostname()}:{os.getpid()}:{device}:{uuid.uuid4().hex[:8]}"
         self._encoders: dict[str, Encoder] = {}
         self._wake = threading.Event()
@@ -207,20 +260,25 @@ class Worker:
         monitor = threading.Thread(target=self._monitor, args=(active,), name="cpp-job-monitor", daemon=True)
         self._active = active
         monitor.start()
-        work_dir = self.jobs_dir / job.id
+        work_dir = job_folder(self.jobs_dir, job)
         started = time.perf_counter()
         status, error = JobStatus.succeeded, None
         log.info("job %s: running on %s (attempt %d)", job.id, self.device, job.attempts)
         try:
             source = SourceSpec.model_validate(job.source)
-            options = ClusterOptions.model_validate(job.options).model_copy(update={"device": self.device})
-            encoder = self._encoder(options.model)
             work_dir.mkdir(parents=True, exist_ok=True)
             # A job reads under the allowed roots and inside its own folder (its uploads), checked per file.
             roots = confine_roots([*self.allowed_roots, work_dir])
-            self.pipeline.run_cluster(
-                source, options, work_dir, control=active.control, encoder=encoder, roots=roots
-            )
+            if job.kind is JobKind.assign:
+                self._run_assign(job, source, work_dir, active.control, roots)
+            else:
+                options = ClusterOptions.model_validate(job.options).model_copy(
+                    update={"device": self.device}
+                )
+                encoder = self._encoder(options.model)
+                self.pipeline.run_cluster(
+                    source, options, work_dir, control=active.control, encoder=encoder, roots=roots
+                )
         except Cancelled:
             status = JobStatus.cancelled
         except Exception as exc:
@@ -235,12 +293,25 @@ class Worker:
             log.info("job %s: re-queued at shutdown", job.id)
             return
         if not self.store.finish(job.id, self.id, status, error, active.progress):
-            if self.store.get(job.id) is None:  # deleted while running
+            if self.store.get(job.id, kind=None) is None:  # deleted while running
                 shutil.rmtree(work_dir, ignore_errors=True)
             return
         log.info("job %s: %s", job.id, status.value)
         if self.on_finish is not None:
             self.on_finish(status, time.perf_counter() - started)
+
+    def _run_assign(
+        self, job: JobRecord, source: SourceSpec, work_dir: Path, control: RunControl, roots: Roots
+    ) -> None:
+        """Assign the job's images to the clustering of its parent job, with that clustering's encoder."""
+        from cpp import clustering
+
+        options = AssignOptions.model_validate(job.options).model_copy(update={"device": self.device})
+        found = clustering.open(self.jobs_dir / str(job.parent))
+        encoder = self._encoder(str(found.manifest.encoder.get("id") or found.manifest.model))
+        self.assign(
+            found.path, source, work_dir, options=options, encoder=encoder, control=control, roots=roots
+        )
 
     def _monitor(self, active: _ActiveRun) -> None:
         """Heartbeat (with new progress) every interval; pass on cancel requests made through the store."""

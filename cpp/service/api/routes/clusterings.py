@@ -2,20 +2,46 @@
 
 A clustering's id is the id of the cluster job that made it; it is owned by that job's key (other keys get
 404, as for jobs). :func:`clustering_for` is the dependency that opens one for a route.
+
+Assignment jobs (``/v1/clusterings/{id}/assignments``) take a server-side source or an upload with the same
+confinement, limits, authentication and ``Idempotency-Key`` handling as cluster jobs; their files lie in the
+clustering's folder (``jobs/<id>/assign/<assignment id>``) and go with it when its job is deleted. Their
+results are JSON lines (one :class:`cpp.assign.NewImage` per image), paged.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path as FilePath
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
 
 from cpp import clustering
 from cpp.clustering import Clustering, ClusteringError
+from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.service.api.deps import Caller, CallerDep, Services, ServicesDep
-from cpp.service.api.schemas import ClusteringInfo, ClusteringLinks, ClusteringPage, ClusterSummary
+from cpp.service.api.routes.jobs import IdempotencyKey  # also registers the ``job_id`` path convertor
+from cpp.service.api.schemas import (
+    AssignmentJob,
+    AssignmentJobPage,
+    AssignRequest,
+    ClusteringInfo,
+    ClusteringLinks,
+    ClusteringPage,
+    ClusterSummary,
+)
+from cpp.service.paths import check_request_paths
 from cpp.service.problems import ApiProblem, problem_responses
-from cpp.service.store import JobRecord, JobStatus
+from cpp.service.store import IdempotencyConflict, JobKind, JobRecord, JobStatus
+from cpp.service.upload_form import read_upload_form
+from cpp.service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
+from cpp.service.worker import assignment_folder, job_folder
 
 router = APIRouter(prefix="/clusterings", tags=["clusterings"])
 
@@ -113,3 +139,421 @@ def list_clusterings(
 def get_clustering(clustering_id: ClusteringId, found: ClusteringDep) -> ClusteringInfo:
     """The clustering's encoder, novelty calibration, newest revision and its clusters."""
     return clustering_info(clustering_id, found)
+
+
+# -- assignment jobs ---------------------------------------------------------------------------------------
+
+AssignmentId = Annotated[
+    str,
+    Path(
+        description="Assignment job id",
+        pattern=r"^[0-9a-f]{32}$",
+        examples=["5d1e0c9b8a7f4e3d2c1b0a9f8e7d6c5b"],
+    ),
+]
+#: Media type of the results: one JSON object per line.
+JSON_LINES = "application/jsonl"
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "additionalProperties": False,
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "Images and/or .zip archives of images (folders in a zip are kept).",
+                    },
+                    "options": {
+                        "type": "string",
+                        "description": "AssignOptions as a JSON object (default: all defaults).",
+                        "example": '{"novelty_quantile": 0.05}',
+                    },
+                    "labels_from_folders": {
+                        "type": "boolean",
+                        "default": False,
+                        "description": "Use each image's folder in the zip as its true label.",
+                    },
+                },
+            }
+        }
+    },
+}
+_RESULTS_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {JSON_LINES: {}}, "description": "One NewImage JSON object per line."}
+}
+_QUEUED = "The queued assignment job (200 with the existing one for a repeated Idempotency-Key)."
+_REPLAY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"model": AssignmentJob, "description": "The job created earlier with this Idempotency-Key."}
+}
+
+
+def _assignment_or_404(
+    services: Services, clustering_id: str, assignment_id: str, caller: Caller
+) -> JobRecord:
+    """The assignment job, if it belongs to this clustering and the caller may see it."""
+    job = services.store.get(assignment_id, caller.sees, kind=JobKind.assign)
+    if job is None or job.parent != clustering_id:
+        raise ApiProblem(
+            404,
+            "not-found",
+            "Assignment not found",
+            f"clustering {clustering_id} has no assignment {assignment_id}",
+        )
+    return job
+
+
+def _check_device(services: Services, options: AssignOptions) -> None:
+    if options.device != "auto" and options.device not in services.settings.devices:
+        raise ApiProblem(
+            422,
+            "device-not-available",
+            "Device not available",
+            f"options.device {options.device!r}: this server runs on {services.settings.devices}; use 'auto'",
+        )
+
+
+def _request_hash(clustering_id: str, source: SourceSpec, options: AssignOptions) -> str:
+    body = {
+        "kind": JobKind.assign.value,
+        "clustering": clustering_id,
+        "source": source.model_dump(mode="json"),
+        "options": options.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _submit(
+    services: Services,
+    response: Response,
+    *,
+    job_id: str,
+    clustering_id: str,
+    source: SourceSpec,
+    options: AssignOptions,
+    request_hash: str,
+    idempotency_key: str | None,
+    caller: Caller,
+) -> tuple[AssignmentJob, bool]:
+    try:
+        record, created = services.store.create(
+            job_id=job_id,
+            source=source.model_dump(mode="json"),
+            options=options.model_dump(mode="json"),
+            device=options.device,
+            request_hash=request_hash,
+            idempotency_key=idempotency_key,
+            owner=caller.key_id,
+            kind=JobKind.assign,
+            parent=clustering_id,
+        )
+    except IdempotencyConflict:
+        raise ApiProblem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used with a different request; use a new key",
+        ) from None
+    job = AssignmentJob.from_record(record)
+    response.headers["Location"] = job.links.self
+    response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
+    if created:
+        services.wake_workers()
+    return job, created
+
+
+@router.post(
+    "/{clustering_id:job_id}/assignments",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Assign server-side images to a clustering",
+    response_description=_QUEUED,
+    responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 404, 409, 411, 413, 422),
+)
+def create_assignment(
+    clustering_id: ClusteringId,
+    body: AssignRequest,
+    found: ClusteringDep,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> AssignmentJob:
+    """Queue an assignment job over a server-side source under `CPP_ALLOWED_ROOTS`: each image gets the
+    clustering's nearest cluster of its newest revision, its name, a confidence and a novel flag."""
+    _check_device(services, body.options)
+    check_request_paths(body.source, ClusterOptions(), services.settings.allowed_roots)  # no vocabulary files
+    job, _ = _submit(
+        services,
+        response,
+        job_id=uuid.uuid4().hex,
+        clustering_id=clustering_id,
+        source=body.source,
+        options=body.options,
+        request_hash=_request_hash(clustering_id, body.source, body.options),
+        idempotency_key=idempotency_key,
+        caller=caller,
+    )
+    return job
+
+
+def _upload_options(raw: str | None) -> AssignOptions:
+    try:
+        return AssignOptions.model_validate_json(raw or "{}")
+    except ValidationError as exc:
+        raise ApiProblem(
+            422,
+            "validation",
+            "Request is not valid",
+            "form field 'options' is not valid AssignOptions JSON",
+            errors=[
+                {"loc": ["options", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+            ],
+        ) from exc
+
+
+def _form_bool(value: str | None, field: str) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ApiProblem(
+        422, "validation", "Request is not valid", f"{field}: expected true or false, got {text!r}"
+    )
+
+
+@router.post(
+    "/{clustering_id:job_id}/assignments/upload",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Assign uploaded images to a clustering",
+    response_description=_QUEUED,
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 404, 409, 411, 413, 422, 507),
+)
+async def upload_assignment(
+    clustering_id: ClusteringId,
+    request: Request,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> AssignmentJob:
+    """Upload images and/or zip archives of images (multipart field `files`) and queue an assignment job."""
+    await run_in_threadpool(open_clustering, services, clustering_id, caller)  # 404/409 before the body
+    settings = services.settings
+    limits = UploadLimits(
+        settings.max_upload_bytes,
+        settings.max_upload_files,
+        settings.max_image_pixels,
+        settings.max_zip_ratio,
+    )
+    job_id = uuid.uuid4().hex
+    parent = settings.jobs_dir / clustering_id
+    job_dir = assignment_folder(settings.jobs_dir, clustering_id, job_id)
+    staged = await run_in_threadpool(StagedUpload, settings.data_dir / STAGING_DIR, job_id)
+    writer = UploadWriter(staged.folder, limits)
+    try:
+        try:
+            fields = await read_upload_form(
+                request, writer, max_field_bytes=settings.max_json_bytes, max_files=settings.max_upload_files
+            )
+        finally:
+            writer.close()
+        options = _upload_options(fields.get("options"))
+        _check_device(services, options)
+        labels = _form_bool(fields.get("labels_from_folders"), "labels_from_folders")
+        if writer.parts == 0:
+            raise ApiProblem(
+                422, "bad-upload", "No files", "send images or zip archives in the form field 'files'"
+            )
+        salt = json.dumps(
+            {"clustering": clustering_id, "options": options.model_dump(mode="json"), "labels": labels},
+            sort_keys=True,
+        ).encode()
+        _, digest = writer.finish(salt)
+        if not parent.is_dir():
+            raise ApiProblem(
+                404, "not-found", "Clustering not found", f"no clustering with id {clustering_id}"
+            )
+        await run_in_threadpool(lambda: job_dir.parent.mkdir(parents=True, exist_ok=True))
+        await run_in_threadpool(staged.publish, job_dir)
+    except BaseException:
+        staged.discard()
+        raise
+    source = SourceSpec(type="folder", path=str((job_dir / "upload").resolve()), labels_from_folders=labels)
+    try:
+        job, created = await run_in_threadpool(
+            lambda: _submit(
+                services,
+                response,
+                job_id=job_id,
+                clustering_id=clustering_id,
+                source=source,
+                options=options,
+                request_hash=digest,
+                idempotency_key=idempotency_key,
+                caller=caller,
+            )
+        )
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    if not created:
+        shutil.rmtree(job_dir, ignore_errors=True)
+    return job
+
+
+@router.get(
+    "/{clustering_id:job_id}/assignments",
+    summary="List a clustering's assignment jobs",
+    responses=problem_responses(401, 404, 409, 422),
+)
+def list_assignments(
+    clustering_id: ClusteringId,
+    found: ClusteringDep,
+    services: ServicesDep,
+    caller: CallerDep,
+    status_filter: Annotated[
+        JobStatus | None, Query(alias="status", description="Only jobs in this state")
+    ] = None,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> AssignmentJobPage:
+    """The caller's assignment jobs of this clustering, newest first."""
+    jobs, total = services.store.list_jobs(
+        status=status_filter,
+        offset=offset,
+        limit=limit,
+        owner=caller.sees,
+        kind=JobKind.assign,
+        parent=clustering_id,
+    )
+    return AssignmentJobPage(
+        items=[AssignmentJob.from_record(j) for j in jobs], total=total, offset=offset, limit=limit
+    )
+
+
+@router.get(
+    "/{clustering_id:job_id}/assignments/{assignment_id:job_id}",
+    summary="Get an assignment job",
+    responses=problem_responses(401, 404, 422),
+)
+def get_assignment(
+    clustering_id: ClusteringId, assignment_id: AssignmentId, services: ServicesDep, caller: CallerDep
+) -> AssignmentJob:
+    """Status, progress (stages embed, then assign) and, for failed jobs, the error problem."""
+    return AssignmentJob.from_record(_assignment_or_404(services, clustering_id, assignment_id, caller))
+
+
+def _finished_folder(services: Services, job: JobRecord) -> FilePath:
+    if job.status is not JobStatus.succeeded:
+        raise ApiProblem(
+            409,
+            "job-not-finished"
+            if job.status in (JobStatus.queued, JobStatus.running)
+            else "job-has-no-result",
+            "Assignment has no results",
+            f"assignment {job.id} is {job.status.value}; results exist once it has succeeded",
+            job_status=job.status.value,
+        )
+    return job_folder(services.settings.jobs_dir, job)
+
+
+@router.get(
+    "/{clustering_id:job_id}/assignments/{assignment_id:job_id}/results",
+    summary="Page through an assignment's per-image results (JSON lines)",
+    response_class=Response,
+    responses=_RESULTS_RESPONSE | problem_responses(401, 404, 409, 422),
+)
+def get_results(
+    clustering_id: ClusteringId,
+    assignment_id: AssignmentId,
+    services: ServicesDep,
+    caller: CallerDep,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Response:
+    """Results in source order, one JSON object per line (`key`, `path`, `cluster`, `name`, `confidence`,
+    `novel`, `score`, `member`, `true_label`); `X-Total-Count` gives the total and `Link` the next page."""
+    from cpp.assign import read_results
+
+    job = _assignment_or_404(services, clustering_id, assignment_id, caller)
+    lines, total = read_results(_finished_folder(services, job), offset=offset, limit=limit)
+    headers = {"X-Total-Count": str(total)}
+    if offset + len(lines) < total:
+        base = f"/v1/clusterings/{clustering_id}/assignments/{assignment_id}/results"
+        headers["Link"] = f'<{base}?offset={offset + len(lines)}&limit={limit}>; rel="next"'
+    return Response(b"".join(lines), media_type=JSON_LINES, headers=headers)
+
+
+@router.get(
+    "/{clustering_id:job_id}/assignments/{assignment_id:job_id}/summary",
+    summary="Get an assignment's summary",
+    responses=problem_responses(401, 404, 409, 422),
+)
+def get_summary(
+    clustering_id: ClusteringId, assignment_id: AssignmentId, services: ServicesDep, caller: CallerDep
+) -> Response:
+    """Images per cluster, novel count and share, and per cluster the new images' mean confidence beside
+    the members' (a drift report), as `cpp assign --summary` writes it."""
+    job = _assignment_or_404(services, clustering_id, assignment_id, caller)
+    path = _finished_folder(services, job) / "summary.json"
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        raise ApiProblem(
+            500,
+            "result-missing",
+            "Result missing",
+            f"assignment {assignment_id} succeeded but its summary is gone",
+        ) from None
+    return Response(content, media_type="application/json")
+
+
+@router.post(
+    "/{clustering_id:job_id}/assignments/{assignment_id:job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Cancel an assignment job",
+    responses=problem_responses(401, 404, 409, 422),
+)
+def cancel_assignment(
+    clustering_id: ClusteringId, assignment_id: AssignmentId, services: ServicesDep, caller: CallerDep
+) -> AssignmentJob:
+    """A queued job is cancelled at once; a running one stops after its current batch."""
+    _assignment_or_404(services, clustering_id, assignment_id, caller)
+    job = services.store.request_cancel(assignment_id, caller.sees, kind=JobKind.assign)
+    assert job is not None
+    if job.status in (JobStatus.succeeded, JobStatus.failed):
+        raise ApiProblem(
+            409,
+            "job-finished",
+            "Job already finished",
+            f"assignment {assignment_id} is {job.status.value}",
+            job_status=job.status.value,
+        )
+    if job.status is JobStatus.running:
+        services.cancel_running(assignment_id)
+    return AssignmentJob.from_record(job)
+
+
+@router.delete(
+    "/{clustering_id:job_id}/assignments/{assignment_id:job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an assignment job and its files",
+    responses=problem_responses(401, 404, 422),
+)
+def delete_assignment(
+    clustering_id: ClusteringId, assignment_id: AssignmentId, services: ServicesDep, caller: CallerDep
+) -> Response:
+    """A running job is cancelled first; its worker removes what is left when it notices."""
+    job = _assignment_or_404(services, clustering_id, assignment_id, caller)
+    if job.status is JobStatus.running:
+        services.store.request_cancel(assignment_id, kind=JobKind.assign)
+        services.cancel_running(assignment_id)
+    services.store.delete(assignment_id, kind=JobKind.assign)
+    shutil.rmtree(job_folder(services.settings.jobs_dir, job), ignore_errors=True)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

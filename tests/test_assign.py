@@ -1,0 +1,271 @@
+"""Assigning new images to a clustering (cpp.assign, `cpp assign`): its own images keep their clusters, edits
+are followed, other encoders and unusable sources are refused, a killed run resumes to the same output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpp import assign as assign_module
+from cpp import clustering
+from cpp.assign import AssignError, assign, iter_results, load_summary, read_results
+from cpp.cli import main
+from cpp.encoders import Encoder, create_encoder
+from cpp.options import AssignOptions, ClusterOptions, SourceSpec
+from cpp.pipeline import SMALL_N, run_cluster
+from cpp.progress import Cancelled
+from cpp.result import Edit
+from cpp.store import FeatureStore
+
+CLASSES = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+PER_CLASS = 100  # 300 images: above SMALL_N, so a head is trained
+
+
+def _draw(path: Path, colour: tuple[int, int, int], seed: int, *, mirror: bool = False) -> None:
+    """A 32 px image: the class colour with a random pattern of brighter squares."""
+    rng = np.random.default_rng(seed)
+    array = np.empty((32, 32, 3), dtype=np.uint8)
+    array[:] = colour
+    for _ in range(4):
+        y, x = rng.integers(0, 24, size=2)
+        array[y : y + 8, x : x + 8] = np.clip(np.array(colour) + rng.integers(20, 60, size=3), 0, 255)
+    array = (array.astype(np.int16) + rng.integers(-12, 12, size=array.shape)).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(array[:, ::-1] if mirror else array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _collection(root: Path, per_class: int, *, offset: int = 0, mirror: bool = False) -> Path:
+    for c, (name, colour) in enumerate(CLASSES.items()):
+        for i in range(per_class):
+            _draw(root / name / f"{name}_{offset + i:04d}.png", colour, 1000 * c + offset + i, mirror=mirror)
+    return root
+
+
+def _folder(path: Path) -> SourceSpec:
+    return SourceSpec(type="folder", path=str(path), labels_from_folders=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_clip_spec: str) -> Encoder:
+    return create_encoder(tiny_clip_spec, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny: Encoder) -> tuple[Path, Path]:
+    """A head-space clustering of 300 images in 3 colour classes: (its images, its work directory)."""
+    base = tmp_path_factory.mktemp("assign")
+    images = _collection(base / "images", PER_CLASS)
+    options = ClusterOptions(model=tiny.id, clusters=3, epochs=2, vocabulary=["cifar10"], device="cpu")
+    run_cluster(_folder(images), options, base / "work", encoder=tiny)
+    return images, base / "work"
+
+
+@pytest.fixture
+def work(fitted: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A copy of the fitted clustering that a test may edit."""
+    shutil.copytree(fitted[1], tmp_path / "clustering")
+    return tmp_path / "clustering"
+
+
+def _clusters_by_key(work_dir: Path) -> dict[str, int]:
+    found = clustering.open(work_dir)
+    page, total = found.assignments(limit=10_000)
+    assert len(page) == total
+    return {a.key: a.cluster for a in page}
+
+
+def test_own_images_reproduce_their_clusters(
+    fitted: tuple[Path, Path], tiny: Encoder, tmp_path: Path
+) -> None:
+    images, work_dir = fitted
+    assert clustering.open(work_dir).manifest.space == "head" and 3 * PER_CLASS >= SMALL_N
+    summary = assign(work_dir, _folder(images), tmp_path / "a", encoder=tiny)
+    records = list(iter_results(tmp_path / "a"))
+    expected = _clusters_by_key(work_dir)
+    names = [c.name for c in clustering.open(work_dir).state().clusters]
+    assert [r.key for r in records] == sorted(expected) and len(records) == 3 * PER_CLASS
+    assert all(r.member and not r.novel for r in records)
+    assert {r.key: r.cluster for r in records} == expected
+    assert all(r.name == names[r.cluster] for r in records)
+    assert summary.members == summary.embedded == 3 * PER_CLASS and summary.novel == 0
+    assert [c.assigned for c in summary.clusters] == [c.members for c in summary.clusters]
+
+
+def test_the_rule_for_new_images_reproduces_most_members(
+    fitted: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the member look-up, the nearest-subspace rule itself files the members as the readout did
+    (the readout's spectral labels and the nearest subspace agree for most rows)."""
+    _, work_dir = fitted
+    found = clustering.open(work_dir)
+    monkeypatch.setattr(assign_module, "MEMBER_SIMILARITY", 2.0)  # no image counts as a member
+    scorer = assign_module.Assigner(found, device="cpu")
+    store = FeatureStore.open(work_dir / "features")
+    scored = scorer.score(store.features())
+    assert not scored.member.any()
+    assert (scored.cluster == found.labels()).mean() >= 0.9
+    assert scored.novel.mean() <= 0.2  # members are typical of their clusters
+
+
+def test_new_images_follow_the_newest_revision(work: Path, fitted: tuple[Path, Path], tiny: Encoder) -> None:
+    """A merge and a rename: new images land in the merged cluster, under its current name."""
+    found = clustering.open(work)
+    old = found.state()
+    labels = found.labels()
+    merged = np.where(labels == 2, 1, labels)
+    clusters = [
+        old.clusters[0],
+        old.clusters[1].model_copy(update={"name": "merged", "size": int((merged == 1).sum())}),
+    ]
+    found.commit(merged, clusters, Edit(op="merge", args={"clusters": [1, 2]}))
+    fresh = _collection(work.parent / "fresh", 10, offset=500, mirror=True)
+    assign(work, _folder(fresh), work.parent / "a", encoder=tiny)
+    records = list(iter_results(work.parent / "a"))
+    assert records and not any(r.member for r in records)
+    assert {r.cluster for r in records} <= {0, 1}
+    assert all(r.name == ("merged" if r.cluster == 1 else old.clusters[0].name) for r in records)
+    summary = load_summary(work.parent / "a")
+    assert summary.clustering["revision"] == 1 and len(summary.clusters) == 2
+
+
+def test_novelty_quantile_recalibrates_and_pages_read_back(
+    fitted: tuple[Path, Path], tiny: Encoder, tmp_path: Path
+) -> None:
+    _, work_dir = fitted
+    fresh = _collection(tmp_path / "fresh", 5, offset=700)
+    everything = assign(
+        work_dir, _folder(fresh), tmp_path / "all", encoder=tiny, options=AssignOptions(novelty_quantile=1.0)
+    )
+    none = assign(
+        work_dir, _folder(fresh), tmp_path / "none", encoder=tiny, options=AssignOptions(novelty_quantile=0.0)
+    )
+    # thresholds: the highest and the lowest score of the members the novelty model was not fitted on
+    assert (everything.novelty.quantile, none.novelty.quantile) == (1.0, 0.0)
+    assert none.novelty.threshold < everything.novelty.threshold
+    assert everything.embedded == 15 and none.novel < everything.novel and everything.novel >= 8
+    lines, total = read_results(tmp_path / "all", offset=10, limit=100)
+    assert total == 15 and len(lines) == 5
+    assert [json.loads(line)["key"] for line in lines] == [r.key for r in iter_results(tmp_path / "all")][10:]
+
+
+def test_another_encoder_or_preprocessing_is_refused(
+    work: Path, tiny: Encoder, tmp_path: Path, fitted: tuple[Path, Path]
+) -> None:
+    images, _ = fitted
+    other = create_encoder("effnet-lite0-in1k", device="cpu")
+    with pytest.raises(AssignError, match=r"another encoder or preprocessing.*id: clustering"):
+        assign(work, _folder(images), tmp_path / "a", encoder=other)
+    manifest = json.loads((work / clustering.MANIFEST_FILE).read_text())
+    manifest["encoder"]["preprocess"] = {**manifest["encoder"]["preprocess"], "interpolation": "nearest"}
+    (work / clustering.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(AssignError, match="preprocess: clustering"):
+        assign(work, _folder(images), tmp_path / "b", encoder=tiny)
+    assert not (tmp_path / "b" / "features").exists()  # refused before any embedding
+
+
+def test_an_empty_or_all_bad_source_is_a_clear_error(
+    fitted: tuple[Path, Path], tiny: Encoder, tmp_path: Path
+) -> None:
+    _, work_dir = fitted
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    with pytest.raises(AssignError, match=r"none of the 2 files of .* is a usable image: .*empty\.jpg"):
+        assign(work_dir, _folder(bad), tmp_path / "a", encoder=tiny)
+    (tmp_path / "nothing").mkdir()
+    assert main(["assign", str(work_dir), str(tmp_path / "nothing"), "--out", str(tmp_path / "o.jsonl")]) == 2
+
+
+class _Killed(Exception):
+    """Stands for the process being killed: nothing after it runs."""
+
+
+def test_a_killed_assignment_resumes_with_an_identical_output(
+    fitted: tuple[Path, Path], tiny: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, work_dir = fitted
+    fresh = _collection(tmp_path / "fresh", 8, offset=900, mirror=True)
+    options = AssignOptions(batch_size=4)
+    assign(work_dir, _folder(fresh), tmp_path / "whole", encoder=tiny, options=options)
+
+    encode = functools.partial(type(tiny).encode_images, tiny)
+    batches: list[int] = []
+
+    def dies_at_the_fourth(batch: torch.Tensor) -> torch.Tensor:
+        if len(batches) == 3:
+            raise _Killed
+        batches.append(len(batch))
+        time.sleep(0.8)  # so that a part is saved (every cpp.embed.SAVE_EVERY_S = 2 s) before the kill
+        return encode(batch)
+
+    monkeypatch.setattr(tiny, "encode_images", dies_at_the_fourth)
+    with pytest.raises(_Killed):
+        assign(work_dir, _folder(fresh), tmp_path / "killed", encoder=tiny, options=options)
+    assert list((tmp_path / "killed" / "features" / "chunks").glob("index-*.part-*"))
+    assert not (tmp_path / "killed" / "assignments.jsonl").exists()
+    monkeypatch.undo()
+    resumed = assign(work_dir, _folder(fresh), tmp_path / "killed", encoder=tiny, options=options)
+    store = FeatureStore.open(tmp_path / "killed" / "features")
+    assert store.meta["run"]["resumed_items"] in (8, 12) and resumed.embedded == 24
+    for name in ("assignments.jsonl", "assignments.idx.npy"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_a_cancelled_assignment_stops_between_batches(
+    fitted: tuple[Path, Path], tiny: Encoder, tmp_path: Path
+) -> None:
+    from controls import cancel_after
+
+    _, work_dir = fitted
+    fresh = _collection(tmp_path / "fresh", 4, offset=950)
+    with pytest.raises(Cancelled):
+        assign(
+            work_dir,
+            _folder(fresh),
+            tmp_path / "a",
+            encoder=tiny,
+            options=AssignOptions(batch_size=2),
+            control=cancel_after(4),
+        )
+    assert not (tmp_path / "a" / "summary.json").exists()
+
+
+def test_cli_writes_the_lines_and_the_summary(
+    fitted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, work_dir = fitted
+    out, summary = tmp_path / "new.jsonl", tmp_path / "summary.json"
+    code = main(
+        [
+            "assign",
+            str(work_dir / "result.json"),  # the result JSON names its clustering
+            str(images / "red"),
+            "--out",
+            str(out),
+            "--summary",
+            str(summary),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    lines = out.read_text().splitlines()
+    assert len(lines) == PER_CLASS and all(json.loads(line)["member"] for line in lines)
+    report = json.loads(summary.read_text())
+    assert sum(c["assigned"] for c in report["clusters"]) == PER_CLASS
+    assert "already members" in capsys.readouterr().out
+    assert main(["assign", str(tmp_path / "missing"), str(images), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
