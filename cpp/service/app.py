@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,8 @@ from cpp.service.worker import EncoderFactory, Pipeline, Worker, library_encoder
 log = get_logger("service")
 
 UPLOAD_PATH = "/v1/jobs/upload"
+#: Paths of upload requests, which may carry up to ``max_upload_bytes`` (new images for a clustering too).
+_UPLOAD_PATHS = re.compile(r"^/v1/(jobs|clusterings/[0-9a-f]{32}/assignments)/upload$")
 _MULTIPART_OVERHEAD = 1024 * 1024
 
 
@@ -85,7 +88,7 @@ class RequestGuard:
         headers = dict(scope["headers"])
         limit = (
             self.settings.max_upload_bytes + _MULTIPART_OVERHEAD
-            if scope["path"] == UPLOAD_PATH
+            if _UPLOAD_PATHS.match(scope["path"])
             else self.settings.max_json_bytes
         )
         length = headers.get(b"content-length")
@@ -99,7 +102,9 @@ class RequestGuard:
             return Problem(title="Bad Request", status=400, detail="Content-Length is not a number")
         if int(length) > limit:
             return Problem(
-                type="urn:cpp:problem:upload-too-large" if scope["path"] == UPLOAD_PATH else "about:blank",
+                type="urn:cpp:problem:upload-too-large"
+                if _UPLOAD_PATHS.match(scope["path"])
+                else "about:blank",
                 title="Content Too Large",
                 status=413,
                 detail=f"the request body is over {limit} bytes",
