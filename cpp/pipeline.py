@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,13 +38,22 @@ from cpp.metrics import evaluate
 from cpp.naming import NamingConfig, name_clusters
 from cpp.options import CAPTIONS, ClusterOptions, SourceSpec
 from cpp.progress import RunControl
-from cpp.readout import Readout, direct_readout, readout
+from cpp.readout import (
+    CHOICE_DIMS,
+    SELECTION_EPS2,
+    Readout,
+    direct_readout,
+    feature_coding_length,
+    feature_readout,
+    readout,
+)
 from cpp.result import (
     Assignment,
     Cluster,
     ClusterResult,
     Counts,
     NameScore,
+    PartitionChoice,
     RunInfo,
     SkippedFile,
 )
@@ -118,6 +127,30 @@ def _fit_or_reuse(
     fitted.save(directory)
     key_file.write_text(json.dumps(key))
     return fitted
+
+
+def _choose_partition(
+    store: FeatureStore, fitted: FittedHead, options: ClusterOptions, control: RunControl
+) -> tuple[Readout, PartitionChoice]:
+    """The head's partition or spectral clustering of the encoder features at the same K, whichever codes
+    the encoder features in fewer bits (:func:`cpp.readout.feature_coding_length`)."""
+    by_head = readout(
+        fitted, store, options.clusters, seed=options.seed, control=control, representatives=REPRESENTATIVES
+    )
+    by_features = feature_readout(
+        store, by_head.k_selection.k, seed=options.seed, control=control, representatives=REPRESENTATIVES
+    )
+    lengths = {
+        name: round(feature_coding_length(store, found.labels, seed=options.seed), 1)
+        for name, found in (("head", by_head), ("features", by_features))
+    }
+    method: Literal["head", "features"] = "head" if lengths["head"] <= lengths["features"] else "features"
+    log.info("partition by %s (coding length of the features, bits: %s)", method, lengths)
+    chosen = by_head if method == "head" else by_features
+    chosen.k_selection = by_head.k_selection
+    return chosen, PartitionChoice(
+        method=method, coding_length=lengths, dims=CHOICE_DIMS, eps2=SELECTION_EPS2
+    )
 
 
 def _display_names(store: FeatureStore, indices: np.ndarray) -> dict[int, str]:
@@ -263,20 +296,16 @@ def run_cluster(
             store.features(), options.clusters, seed=options.seed, representatives=REPRESENTATIVES
         )
         stage.advance()
+        partition = PartitionChoice(method="direct")
     else:
-        found = readout(
-            fitted,
-            store,
-            options.clusters,
-            seed=options.seed,
-            control=control,
-            representatives=REPRESENTATIVES,
-        )
+        found, partition = _choose_partition(store, fitted, options, control)
+    # The head whose Z the chosen partition lives in (None: the encoder features).
+    used = fitted if partition.method == "head" else None
     timings["readout"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     naming_config = NamingConfig(seed=options.seed)
-    if fitted is None:
+    if used is None:
         naming_config = naming_config.model_copy(update={"space": "raw"})
     stage = control.stage("name", len(vocabulary) + 2)
     label_vectors = embed_vocabulary(
@@ -288,7 +317,7 @@ def run_cluster(
         label_vectors,
         vocabulary,
         naming_config,
-        fitted=fitted,
+        fitted=used,
         z=found.z,
         stage=stage,
     )
@@ -329,6 +358,7 @@ def run_cluster(
             head=head_info,
             fit=fit_info,
             k_selection=found.k_selection,
+            partition=partition,
             naming={
                 "vocabularies": list(options.vocabulary),
                 "names": len(vocabulary),
@@ -359,8 +389,8 @@ def run_cluster(
             encoder=result.run.encoder,
             options=options.model_dump(mode="json"),
             source=result.run.source,
-            space="raw" if fitted is None else "head",
-            head=None if fitted is None else HEAD_DIR,
+            space="raw" if used is None else "head",
+            head=None if used is None else HEAD_DIR,
             novelty=clustering.calibrate_novelty(found.fit, NOVELTY_QUANTILE),
             members=n,
         ),

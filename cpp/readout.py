@@ -29,7 +29,12 @@ from cpp.result import KSelection
 
 log = get_logger("readout")
 
-MAX_AUTO_K = 50
+#: Largest automatic K (the option's own limit).
+MAX_AUTO_K = 1000
+#: Spectral coordinates the automatic-K sweep clusters in (the first K of them for K below it).
+SWEEP_DIMS = 128
+#: k-means restarts per candidate K in the sweep; the chosen K is clustered again with SPECTRAL_RESTARTS.
+SWEEP_RESTARTS = 3
 #: k-means restarts in the spectral embedding (cheap: N x K coordinates).
 SPECTRAL_RESTARTS = 20
 # Distortion ε² of the coding length used to choose K. Training's ε² (0.1) codes the learned Z at the fine
@@ -37,6 +42,9 @@ SPECTRAL_RESTARTS = 20
 # cluster always pays. Model selection codes at the scale of a whole unit-norm vector (measured on
 # synthetic subspace mixtures and CIFAR-10, see docs/benchmarks/quality.md).
 SELECTION_EPS2 = 1.0
+#: Principal directions and rows of the encoder features on which partitions are compared by coding length.
+CHOICE_DIMS = 64
+CHOICE_MAX_ROWS = 20_000
 
 
 class ReadoutError(CppError):
@@ -91,13 +99,15 @@ def spectral_embedding(codes: np.ndarray, dims: int, *, neighbours: int = 15) ->
     return vectors[:, ::-1].astype(np.float32)  # descending eigenvalues
 
 
-def _spectral_labels(embedding: np.ndarray, k: int, seed: int) -> np.ndarray:
+def _spectral_labels(embedding: np.ndarray, k: int, seed: int, *, restarts: int | None = None) -> np.ndarray:
     """k-means on the first ``k`` spectral coordinates, rows normalised (Ng–Jordan–Weiss).
 
-    The best of ``SPECTRAL_RESTARTS`` k-means runs: with 3 the partition (and ACC) of the same head moved
-    by up to 4 points between seeds on CIFAR-10; with 20 it did not (docs/benchmarks/quality.md).
+    The best of ``restarts`` (default ``SPECTRAL_RESTARTS``) k-means runs: with 3 the partition (and ACC)
+    of the same head moved by up to 4 points between seeds on CIFAR-10; with 20 it did not
+    (docs/benchmarks/quality.md).
     """
-    return kmeans(normalize_rows(embedding[:, :k]), k, seed=seed, spherical=False, redo=SPECTRAL_RESTARTS)
+    redo = restarts or SPECTRAL_RESTARTS
+    return kmeans(normalize_rows(embedding[:, :k]), k, seed=seed, spherical=False, redo=redo)
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
@@ -189,8 +199,15 @@ def _own_scores(z: np.ndarray, bases: np.ndarray, labels: np.ndarray) -> tuple[n
 
 
 def candidate_ks(n: int) -> list[int]:
-    """Automatic K candidates: 2 .. min(50, N/10)."""
-    return list(range(2, max(2, min(MAX_AUTO_K, n // 10)) + 1))
+    """Automatic K candidates for ``n`` samples: every K up to 20, then a geometric grid (ratio 1.15) up to
+    N/20 (at least min(50, N/10); at most ``MAX_AUTO_K``), so the range grows with the collection."""
+    top = max(2, min(MAX_AUTO_K, max(n // 20, min(50, n // 10))))
+    grid = set(range(2, min(top, 20) + 1))
+    k = 20.0
+    while (k := k * 1.15) < top:
+        grid.add(round(k))
+    grid.add(top)
+    return sorted(grid)
 
 
 def readout(
@@ -229,23 +246,23 @@ def readout(
             f"{max(candidates)} clusters need more than {max(candidates) + 1} samples, got {n_land}"
         )
     z_land, c_land = fitted.encode(landmarks, matrix.take(landmarks), context)
-    embedding = spectral_embedding(c_land, max(candidates))
+    sweep = len(candidates) > 1
+    embedding = spectral_embedding(c_land, min(max(candidates), SWEEP_DIMS) if sweep else candidates[0])
     z_land_t = torch.from_numpy(z_land)
-    best: tuple[float, np.ndarray] | None = None
     lengths: list[float] = []
-    stage = control.stage("readout", len(candidates)) if control else None
+    stage = control.stage("readout", len(candidates) + 1) if control else None
     for k in candidates:
-        labels_k = _spectral_labels(embedding, k, seed)
-        length = float(coding_length(z_land_t, torch.from_numpy(labels_k), selection_eps2))
-        lengths.append(length)
-        if best is None or length < best[0]:
-            best = (length, labels_k)
+        labels_k = _spectral_labels(embedding, k, seed, restarts=SWEEP_RESTARTS if sweep else None)
+        lengths.append(float(coding_length(z_land_t, torch.from_numpy(labels_k), selection_eps2)))
         if stage:
             stage.advance()
-    assert best is not None
-    land_labels = _relabel_by_size(best[1])
-    k_final = int(land_labels.max()) + 1
     chosen = candidates[int(np.argmin(lengths))]
+    if sweep:  # the chosen K again, in its own spectral coordinates, with every restart
+        embedding = spectral_embedding(c_land, chosen)
+    land_labels = _relabel_by_size(_spectral_labels(embedding, chosen, seed))
+    if stage:
+        stage.advance()
+    k_final = int(land_labels.max()) + 1
     selection = KSelection(
         method="fixed" if isinstance(clusters, int) else "coding_length",
         k=k_final,
@@ -285,6 +302,86 @@ def readout(
         assigner.fit,
         None,
     )
+
+
+def feature_readout(
+    features: FeatureInput,
+    clusters: int,
+    *,
+    seed: int = 0,
+    control: RunControl | None = None,
+    max_spectral: int = 20_000,
+    representatives: int = 5,
+) -> Readout:
+    """Spectral clustering of the kNN graph of the unit encoder features into ``clusters`` (no head).
+
+    Above ``max_spectral`` rows a random landmark subset is clustered and every row is then assigned to the
+    nearest landmark-cluster subspace (rank ``min(8, d // K)``) of the unit features, streamed block by block.
+    """
+    matrix = as_matrix(features)
+    n = len(matrix)
+    rng = np.random.default_rng(seed)
+    landmarks = (
+        np.arange(n) if n <= max_spectral else np.sort(rng.choice(n, size=max_spectral, replace=False))
+    )
+    x_land = normalize_rows(matrix.take(landmarks).astype(np.float32))
+    labels = _relabel_by_size(_spectral_labels(spectral_embedding(x_land, clusters), clusters, seed))
+    k = int(labels.max()) + 1
+    bases = cluster_bases(x_land, labels, k, max(1, min(8, x_land.shape[1] // k)))
+    selection = KSelection(method="fixed", k=k)
+    sums = np.zeros((k, x_land.shape[1]))
+    np.add.at(sums, labels, x_land.astype(np.float64))
+    if len(landmarks) == n:
+        centers = normalize_rows(sums.astype(np.float32))
+        nearest = _nearest_per_cluster(
+            labels, np.einsum("nd,nd->n", x_land, centers[labels]), representatives
+        )
+        fit, confidence = _own_scores(x_land, bases, labels)
+        reps = [nearest[labels[nearest] == j] for j in range(k)]
+        return Readout(labels, confidence, centers, bases, selection, reps, fit, x_land)
+    assigner = _Assigner(n, bases, normalize_rows(sums.astype(np.float32)), representatives)
+    stage = control.stage("assign", n) if control else None
+    for start, block in matrix.blocks():
+        assigner.add(start, normalize_rows(block.astype(np.float32)))
+        if stage:
+            stage.advance(len(block))
+    centers = normalize_rows(assigner.sums.numpy().astype(np.float32))
+    return Readout(
+        assigner.labels,
+        assigner.margin,
+        centers,
+        bases,
+        selection,
+        assigner.representatives(),
+        assigner.fit,
+        None,
+    )
+
+
+def feature_coding_length(
+    features: FeatureInput,
+    labels: np.ndarray,
+    *,
+    dims: int = CHOICE_DIMS,
+    eps2: float = SELECTION_EPS2,
+    max_rows: int = CHOICE_MAX_ROWS,
+    seed: int = 0,
+) -> float:
+    """Bits to code the encoder features given the partition ``labels`` (``cpp.rate.coding_length``).
+
+    The features are coded where partitions of them differ: rows L2-normalised, projected on their top
+    ``dims`` principal directions and normalised again; above ``max_rows`` rows on a fixed random sample.
+    The same sample and projection serve every partition of the same features, so lengths compare.
+    """
+    matrix = as_matrix(features)
+    n = len(matrix)
+    rows = np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, False))
+    x = normalize_rows(matrix.take(rows).astype(np.float32)).astype(np.float64)
+    x -= x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    projected = normalize_rows((x @ vt[:dims].T).astype(np.float32))
+    bits = coding_length(torch.from_numpy(projected), torch.from_numpy(labels[rows]), eps2)
+    return float(bits)
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:

@@ -34,6 +34,20 @@ class KSelection(BaseModel):
     )
 
 
+class PartitionChoice(BaseModel):
+    """Which partition the result shows, and the label-free evidence for it."""
+
+    method: Literal["head", "features", "direct"] = Field(
+        description="head: the head's readout; features: spectral clustering of the encoder features, "
+        "chosen because it codes them in fewer bits; direct: small collection, k-means of the features."
+    )
+    coding_length: dict[str, float] = Field(
+        default_factory=dict, description="Bits to code the encoder features given each candidate partition."
+    )
+    dims: int | None = Field(default=None, description="Principal directions the features are coded on.")
+    eps2: float | None = Field(default=None, description="Distortion ε² of the coding length.")
+
+
 class RunInfo(BaseModel):
     """How the result was produced: enough to reproduce it."""
 
@@ -41,6 +55,7 @@ class RunInfo(BaseModel):
     head: dict[str, Any] = Field(description="Head configuration (type, widths, layers, context_k, ...).")
     fit: dict[str, Any] = Field(default_factory=dict, description="Training configuration and final losses.")
     k_selection: KSelection
+    partition: PartitionChoice | None = Field(default=None, description="How the partition was obtained.")
     naming: dict[str, Any] = Field(default_factory=dict, description="Vocabularies and binding strategy.")
     source: dict[str, Any] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")

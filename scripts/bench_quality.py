@@ -341,6 +341,7 @@ def _pipeline(
         **{name: round(float(metrics[name]), 4) for name in ("acc", "nmi", "ari")},
         "k": len(result.clusters),
         "k_selection": result.run.k_selection.method,
+        "partition": result.run.partition.model_dump() if result.run.partition else None,
         "timings_s": result.run.timings_s,
         "coding_length": (
             dict(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from synthetic import subspace_mixture
@@ -14,6 +16,8 @@ from cpp.metrics import clustering_accuracy
 from cpp.readout import (
     candidate_ks,
     direct_readout,
+    feature_coding_length,
+    feature_readout,
     kmeans_baseline,
     readout,
     silhouette,
@@ -115,3 +119,30 @@ def test_direct_readout_separates_planted_clusters() -> None:
     assert found.k_selection.candidates == list(range(2, 21))
     assert len(set(zip(found.labels.tolist(), np.repeat(np.arange(4), 10).tolist(), strict=True))) == 4
     assert found.bases.shape[:2] == (4, 16) and (found.confidence > 0.5).all()
+
+
+def test_candidate_range_grows_with_the_collection() -> None:
+    assert candidate_ks(6) == [2]
+    assert candidate_ks(600) == [*range(2, 21), 23, 26, 30, 35, 40, 46, 50]  # min(50, N/10)
+    large = candidate_ks(10_000)
+    assert large[:19] == list(range(2, 21)) and large[-1] == 500  # N/20
+    assert all(b / a <= 1.2 for a, b in itertools.pairwise(large[18:]))  # ratio 1.15, rounded
+    assert candidate_ks(10**7)[-1] == 1000
+
+
+def test_feature_readout_separates_subspaces_where_kmeans_fails() -> None:
+    x, y = subspace_mixture(900, 24, 6, 2, seed=5)  # planes through (almost) the origin: no centre to find
+    found = feature_readout(x, 6)
+    baseline = clustering_accuracy(y, kmeans_baseline(x, 6))
+    assert clustering_accuracy(y, found.labels) > max(0.9, baseline + 0.2)
+    assert found.k_selection.method == "fixed" and found.centers.shape == (6, 24)
+    assert found.fit.shape == found.confidence.shape == (900,)
+    landmarks = feature_readout(x, 6, max_spectral=400)
+    assert clustering_accuracy(y, landmarks.labels) > 0.85
+
+
+def test_feature_coding_length_prefers_the_true_partition() -> None:
+    x, y = subspace_mixture(900, 24, 6, 2, seed=5)
+    shuffled = np.random.default_rng(0).permutation(y)
+    assert feature_coding_length(x, y) < feature_coding_length(x, kmeans_baseline(x, 6))
+    assert feature_coding_length(x, kmeans_baseline(x, 6)) < feature_coding_length(x, shuffled)
