@@ -23,6 +23,7 @@ import torch
 
 from cpp.encoders.base import Encoder
 from cpp.engines import EmbedEngine, LocalEngine
+from cpp.errors import OptionError
 from cpp.images import DEFAULT_MAX_PIXELS
 from cpp.logging import get_logger
 from cpp.options import SourceSpec, StoreDtype
@@ -97,12 +98,15 @@ def embed_source(
     (:mod:`cpp.sources`).
     """
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be positive")
+        name, value = ("batch_size", batch_size) if batch_size < 1 else ("chunk_size", chunk_size)
+        raise OptionError(name, "must be >= 1", value=value)
     if engine is not None and workers is not None:
-        raise ValueError("give workers to the engine, not to embed_source, when passing an engine")
+        raise OptionError(
+            "workers", "give workers to the engine, not to embed_source, when passing an engine"
+        )
     engine = engine or LocalEngine(workers)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}", value=dtype)
     started = time.perf_counter()
     identity = store_identity(source, encoder)
     existing = check_complete_store(out_dir, identity, items=lambda: SourceItems.of(source, roots=roots))

@@ -3,19 +3,27 @@ help texts with defaults and limits, and option models that agree with the libra
 
 from __future__ import annotations
 
+import argparse
+import socket
 import subprocess
 import sys
+import types
+from pathlib import Path
+from typing import Any
 
 import annotated_types
 import pytest
+from pydantic import BaseModel
 
 from cpp.cli import build_parser, main
+from cpp.errors import OptionError
 from cpp.options import (
     MAX_SEED,
     ClusterOptions,
     EmbedOptions,
     EngineOptions,
     FitOptions,
+    SourceSpec,
     StoreDtype,
 )
 
@@ -176,3 +184,158 @@ def test_option_models_agree_with_the_library() -> None:
     assert EmbedOptions.model_fields["max_pixels"].default == DEFAULT_MAX_PIXELS
     with pytest.raises(ValueError):
         LocalEngine(workers=-1)  # EngineOptions.workers >= 0
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(subparsers.choices)
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+def test_every_flag_with_a_value_shows_its_default() -> None:
+    for command, parser in _commands().items():
+        for action in _flags(parser):
+            if action.nargs != 0 and not action.required:  # switches have none; --out has no default
+                assert "(default: " in (action.help or ""), (command, action.option_strings)
+
+
+#: Flags named otherwise than their option model field.
+RENAMED = {"source_type": "type"}
+MODELS: tuple[type[BaseModel], ...] = (ClusterOptions, EmbedOptions, EngineOptions, SourceSpec)
+
+
+def test_flags_of_option_fields_show_the_fields_default_and_limits() -> None:
+    """Every flag that sets an option model field is generated from it (``add_option``): its help shows the
+    default and every limit of the field."""
+    checked = set()
+    for command, parser in _commands().items():
+        models: tuple[type[BaseModel], ...] = (FitOptions, *MODELS) if command == "fit" else MODELS
+        for action in _flags(parser):
+            name = RENAMED.get(action.dest, action.dest)
+            model = next((m for m in models if name in m.model_fields), None)
+            if model is None:
+                continue
+            checked.add(f"{command} {action.option_strings[0]}")
+            text = action.help or ""
+            assert action.nargs == 0 or "(default: " in text, (command, name)
+            field = model.model_fields[name]
+            limits = [] if field.annotation is str else field.metadata  # a text's length is not shown
+            for limit in limits:
+                if isinstance(limit, annotated_types.MinLen) and limit.min_length <= 1:
+                    continue  # one or more values: the flag's nargs
+                bound = next(
+                    getattr(limit, a)
+                    for a in ("ge", "gt", "le", "lt", "min_length", "max_length")
+                    if hasattr(limit, a)
+                )
+                assert str(bound) in text, (command, name, limit)
+    assert {"cluster --vocabulary", "cluster --model", "embed --source-type", "fit --context-k"} <= checked
+    assert len(checked) >= 38
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ("embed {photos} --out {tmp}/s --model auto:x", "--model 'auto:x': auto takes no argument, got 'x'"),
+        ("embed {photos} --out {tmp}/s --model nope", "--model 'nope': unknown encoder 'nope'; known: "),
+        (
+            "cluster {photos} --out {tmp}/r.json --work-dir {tmp}/w --model effnet-lite0-in1k:v2",
+            "--model 'effnet-lite0-in1k:v2': effnet-lite0-in1k takes no argument, got 'v2'",
+        ),
+        ("cluster {photos} --out {tmp}/r.json --work-dir {tmp}/w --model x:y", "--model 'x:y': unknown"),
+    ],
+)
+def test_library_option_errors_name_the_flag(
+    argv: str, message: str, photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv.format(photos=photo_dir, tmp=tmp_path).split(), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "w" / "features").exists()
+
+
+def test_a_missing_cuda_device_names_the_flag(
+    photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is valid here")
+    assert main(["embed", str(photo_dir), "--out", str(tmp_path / "s"), "--device", "cuda", "--quiet"]) == 2
+    assert (
+        capsys.readouterr().err == "error: --device 'cuda': CUDA is not available here; use 'cpu' or 'auto'\n"
+    )
+
+
+def test_embed_source_names_the_argument(tmp_path: Path) -> None:
+    from cpp.embed import embed_source
+
+    spec = SourceSpec(type="folder", path=str(tmp_path))
+    with pytest.raises(OptionError) as caught:
+        embed_source(spec, tmp_path / "s", encoder=None, batch_size=0)  # type: ignore[arg-type]
+    assert (caught.value.option, str(caught.value)) == ("batch_size", "batch_size 0: must be >= 1")
+    with pytest.raises(OptionError, match="dtype 'int8': must be one of float16, float32"):
+        embed_source(spec, tmp_path / "s", encoder=None, dtype="int8")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[str, Any]]:
+    """``cpp serve`` with the server replaced by a recorder of what it would serve (nothing is started)."""
+    calls: list[dict[str, Any]] = []
+    stub = types.ModuleType("cpp.service.server")
+    stub.serve = lambda settings, **kwargs: calls.append({"settings": settings, **kwargs})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cpp.service.server", stub)
+    monkeypatch.setenv("CPP_DATA_DIR", str(tmp_path / "data"))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "message"),
+    [
+        ({"CPP_MAX_UPLOAD_BYTES": "abc"}, [], "CPP_MAX_UPLOAD_BYTES: Input should be a valid integer"),
+        ({"CPP_WORKER_NICE": "40"}, [], "CPP_WORKER_NICE: Input should be less than or equal to 19"),
+        (
+            {"CPP_DATABASE_URL": "mysql://user:secret@db/jobs"},
+            [],
+            "CPP_DATABASE_URL: use postgresql://... or sqlite:///path\n",
+        ),
+        ({"CPP_DATA_DIR": "/proc/cpp"}, [], "CPP_DATA_DIR /proc/cpp: /proc is a kernel file system"),
+        ({}, ["--data-dir", "/proc/cpp"], "--data-dir /proc/cpp: /proc is a kernel file system"),
+        ({}, ["--host", "no-such-host.invalid"], "--host no-such-host.invalid: "),
+    ],
+)
+def test_serve_start_up_problems_are_one_line(
+    env: dict[str, str],
+    argv: list[str],
+    message: str,
+    started: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert "secret" not in err and started == []
+
+
+def test_serve_refuses_a_port_in_use(
+    started: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --port {port}: cannot listen on 127.0.0.1 port {port} (Address already in use)\n"
+    )
+    assert started == []
+
+
+def test_serve_starts_with_the_checked_settings(started: list[dict[str, Any]], tmp_path: Path) -> None:
+    assert main(["serve", "--port", "0", "--data-dir", str(tmp_path / "jobs")]) == 0
+    (call,) = started
+    assert (call["settings"].data_dir, call["host"], call["port"]) == (tmp_path / "jobs", "127.0.0.1", 0)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from cpp import __version__
-from cpp.cli.common import Interrupted
-from cpp.errors import CppError
+from cpp.cli.common import Interrupted, flag
+from cpp.errors import CppError, OptionError
 
 # Each module defines ``register(subparsers)``; its parser sets ``func(args) -> int``.
 _COMMAND_MODULES = ("embed", "fit", "cluster", "assign", "serve", "encoders", "export", "gallery")
@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_progress_bars()
     try:
         return int(args.func(args))
+    except OptionError as exc:  # named as the library names it: the flag of that name
+        print(f"error: {exc.named(flag(exc.option))}", file=sys.stderr)
+        return 2
     except CppError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

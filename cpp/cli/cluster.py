@@ -15,12 +15,13 @@ from cpp.cli.common import (
     atomic_output,
     check_output,
     engine_from_args,
+    flag,
     interrupted,
     recording_control,
     source_from_args,
 )
 from cpp.errors import CppError
-from cpp.options import BUILTIN_VOCABULARIES, ClusterOptions
+from cpp.options import ClusterOptions
 from cpp.result import ClusterResult
 
 DEMO_MODEL = "effnet-lite0-in1k"
@@ -39,16 +40,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "source", nargs="?", help="image folder, file list, shard pattern, or COCO image folder"
     )
     parser.add_argument("--out", required=True, help="result JSON file to write")
-    parser.add_argument("--model", default=None, help="encoder spec (see `cpp encoders`); default: auto")
+    add_option(parser, ClusterOptions, "model", default=None, default_text="auto; with --demo: " + DEMO_MODEL)
     add_option(parser, ClusterOptions, "clusters", metavar="K")
     add_option(parser, ClusterOptions, "head", help="clustering head")
-    parser.add_argument(
-        "--vocabulary",
-        nargs="+",
-        default=["imagenet1k"],
-        metavar="VOCAB",
-        help=f"built-ins ({', '.join(BUILTIN_VOCABULARIES)}), 'captions', or files with one name per line",
-    )
+    add_option(parser, ClusterOptions, "vocabulary", metavar="VOCAB")
     parser.add_argument(
         "--work-dir",
         default=None,
@@ -78,7 +73,7 @@ def _options(args: argparse.Namespace, model: str) -> ClusterOptions:
             device=args.device,
         )
     except ValidationError as exc:  # what the flags' own checks leave (e.g. too many --vocabulary)
-        problems = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{flag(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())
         raise CppError(problems) from None
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from cpp.errors import CppError, OutputPathError
-from cpp.options import EngineOptions, SourceSpec, SourceType
+from cpp.options import EngineOptions, SourceSpec
 
 if TYPE_CHECKING:
     from cpp.engines import EmbedEngine
@@ -31,10 +31,17 @@ if TYPE_CHECKING:
 SYSTEM_ROOTS = ("/proc", "/sys")
 
 _Bound = tuple[Any, bool]  # a limit (a number) and whether it is inclusive
+#: ``add_option(default=...)`` when the flag's default is the field's.
+_FIELD_DEFAULT: Any = object()
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what was kept and how to resume; the CLI prints ``interrupted: <message>``."""
+
+
+def flag(option: str) -> str:
+    """The flag of an option model field or library argument: ``batch_size`` -> ``--batch-size``."""
+    return option if option.startswith("-") else f"--{option.replace('_', '-')}"
 
 
 def _field_kind(field: FieldInfo) -> tuple[tuple[str, ...], type | None, list[Any]]:
@@ -134,32 +141,60 @@ def _text_type(field: FieldInfo) -> Callable[[str], str]:
     return parse
 
 
+def _shown(default: Any) -> str:
+    """A default as the user would type it."""
+    if isinstance(default, list):
+        return " ".join(map(str, default)) or "none"
+    return "none" if default is None else str(default)
+
+
+def _count(constraints: list[Any]) -> str:
+    """``at most 16``, ``1 to 16`` values of a list field; empty without limits."""
+    least = next((c.min_length for c in constraints if isinstance(c, annotated_types.MinLen)), 0)
+    most = next((c.max_length for c in constraints if isinstance(c, annotated_types.MaxLen)), None)
+    if most is None:
+        return f"at least {least}" if least > 1 else ""
+    return f"at most {most}" if least <= 1 else f"{least} to {most}"
+
+
 def add_option(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     model: type[BaseModel],
     name: str,
     *,
+    flag_name: str | None = None,
+    default: Any = _FIELD_DEFAULT,
     help: str | None = None,
     default_text: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """Add ``--NAME`` (``_`` as ``-``) for the field ``name`` of ``model`` with the field's default, its
-    choices or a ``type=`` checking its limits (a text field: its pattern), and a help text showing both:
-    the limits are declared once, in the model."""
+    """Add ``--NAME`` (``_`` as ``-``; or ``flag_name``) for the field ``name`` of ``model`` with the field's
+    default (or ``default``), its choices or a ``type=`` checking its limits (a text field: its pattern; a
+    list: one or more values; a bool: a switch), and a help text showing both: the limits are declared
+    once, in the model."""
     field = model.model_fields[name]
-    words, number, constraints = ((), None, []) if field.annotation is str else _field_kind(field)
-    lower, upper = _bounds(constraints) if number is not None else (None, None)
-    if field.annotation is str:
-        kwargs["type"] = _text_type(field)
-    elif number is None:
-        kwargs["choices"] = words
-    else:
-        kwargs["type"] = number_type(number, lower, upper, words)
-    default = field.get_default(call_default_factory=True)
-    notes = [f"default: {default if default_text is None else default_text}", _range(lower, upper)]
+    if default is _FIELD_DEFAULT:
+        default = field.get_default(call_default_factory=True)
     text = help or field.description or ""
+    if field.annotation is bool:  # a switch: its default is off
+        parser.add_argument(flag_name or flag(name), action="store_true", help=text, **kwargs)
+        return
+    notes = [f"default: {_shown(default) if default_text is None else default_text}"]
+    if get_origin(field.annotation) is list:
+        kwargs["nargs"] = "+"
+        notes.append(_count(field.metadata))
+    elif field.annotation is str:
+        kwargs["type"] = _text_type(field)
+    else:
+        words, number, constraints = _field_kind(field)
+        lower, upper = _bounds(constraints) if number is not None else (None, None)
+        if number is None:
+            kwargs["choices"] = words
+        else:
+            kwargs["type"] = number_type(number, lower, upper, words)
+        notes.append(_range(lower, upper))
     parser.add_argument(
-        f"--{name.replace('_', '-')}",
+        flag_name or flag(name),
         default=default,
         help=f"{text} ({'; '.join(note for note in notes if note)})",
         **kwargs,
@@ -167,19 +202,18 @@ def add_option(
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--source-type``, ``--labels-from-folders`` and ``--annotations``."""
-    parser.add_argument(
-        "--source-type",
-        choices=get_args(SourceType),
+    """``--source-type``, ``--labels-from-folders`` and ``--annotations``, from :class:`SourceSpec`."""
+    add_option(
+        parser,
+        SourceSpec,
+        "type",
+        flag_name="--source-type",
         default=None,
-        help="source type (default: inferred from SOURCE)",
+        help="source type",
+        default_text="inferred from SOURCE",
     )
-    parser.add_argument(
-        "--labels-from-folders", action="store_true", help="folder sources: parent folder = label"
-    )
-    parser.add_argument(
-        "--annotations", nargs="+", default=[], help="coco sources: instances/captions JSON files"
-    )
+    add_option(parser, SourceSpec, "labels_from_folders")
+    add_option(parser, SourceSpec, "annotations", metavar="JSON")
 
 
 def source_from_args(args: argparse.Namespace) -> SourceSpec:

@@ -15,7 +15,6 @@ from cpp.cli.common import (
     recording_control,
     source_from_args,
 )
-from cpp.errors import CppError
 from cpp.options import ClusterOptions, EmbedOptions
 
 
@@ -28,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("source", help="image folder, file list, shard pattern, or COCO image folder")
     parser.add_argument("--out", required=True, help="feature store directory (resumed when partial)")
-    parser.add_argument("--model", default="auto", help="encoder spec (see `cpp encoders`); default: auto")
+    add_option(parser, ClusterOptions, "model")
     add_option(parser, ClusterOptions, "batch_size")
     add_option(parser, ClusterOptions, "device")
     add_source_arguments(parser)
@@ -47,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from cpp.encoders import create_encoder
 
     engine = engine_from_args(args)
-    try:
-        encoder = create_encoder(args.model, device=args.device)
-    except ValueError as exc:  # unknown spec or bad argument
-        raise CppError(f"--model {args.model!r}: {exc}") from exc
+    encoder = create_encoder(args.model, device=args.device)
     control, progress = recording_control()
     try:
         store = embed_source(

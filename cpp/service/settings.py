@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+#: How ``database_url`` may start (:func:`cpp.service.store.open_store`).
+DATABASE_SCHEMES = ("postgresql://", "postgres://", "sqlite:///")
 
 
 def _split_commas(value: Any) -> Any:
@@ -78,6 +80,13 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url and not url.startswith(DATABASE_SCHEMES):
+            raise ValueError("use postgresql://... or sqlite:///path")
+        return url
 
     @field_validator("allowed_roots")
     @classmethod
