@@ -199,7 +199,7 @@ def test_every_flag_with_a_value_shows_its_default() -> None:
     for command, parser in _commands().items():
         for action in _flags(parser):
             if action.nargs != 0 and not action.required:  # switches have none; --out has no default
-                assert "(default: " in (action.help or ""), (command, action.option_strings)
+                assert "default: " in (action.help or ""), (command, action.option_strings)
 
 
 #: Flags named otherwise than their option model field.

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--summary",
         default=None,
         help="also write a JSON summary: images per cluster, novel count and share, mean confidence of the "
-        "new images per cluster beside the members' (a drift report)",
+        "new images per cluster beside the members' (a drift report; default: none)",
     )
     parser.add_argument(
         "--work-dir",
