@@ -2,8 +2,15 @@
 
 Two suites:
 
-``folder`` (default): ``embed_source`` on the first N images of FOLDER against the encoder's bare forward.
-  python scripts/bench_embed.py FOLDER [--model SPEC] [--engine E] [--batch-size B] [--workers W] [--limit N]
+``folder`` (default): ``embed_source`` on the first N images of FOLDER against the encoder's bare forward
+(the same forward passes on pre-made uint8 batches), ``--rounds`` times, alternated; each pipeline run says
+where its seconds went (listing, store set-up, inline decoding, forward, store writes, finishing). A decode
+study times the CPU preparation paths per image and compares the features of the default one (reduced-scale
+JPEG decode + windowed crop) with the full decode's.
+  python scripts/bench_embed.py FOLDER [--model SPEC | --random-weights ARCH] [--engine E] [--batch-size B]
+      [--workers W] [--forward-batch F] [--limit N] [--repeat K] [--rounds R] [--out report.json]
+  ``--repeat K`` lists a small folder K times over (as symbolic links) for a longer run; ``--random-weights
+  ViT-B-32`` times an open_clip architecture with random weights (same compute, features meaningless).
   For stable CPU figures run with MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000.
 
 ``gpu``: generates its own JPEG corpus (``--n`` files of 500x375 cut from scikit-image's photos with random
@@ -26,9 +33,10 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,18 +51,22 @@ from torch.utils.data import DataLoader, Dataset
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.encoders.open_clip import OpenClipEncoder
+from cpp.encoders.registry import resolve_device
 from cpp.engines import (
     DeviceDecodeEngine,
     EmbedEngine,
+    EncodedUnit,
     LocalEngine,
     create_engine,
     default_workers,
     list_engines,
 )
+from cpp.engines.base import DRAFT_MARGIN, DecodedUnit, encode_unit, prepare_image
 from cpp.engines.device import DeviceDecoder
-from cpp.images import DEFAULT_MAX_PIXELS
+from cpp.engines.local import default_forward_batch
+from cpp.images import DEFAULT_MAX_PIXELS, decode_image
 from cpp.options import SourceSpec
-from cpp.sources import iter_items
+from cpp.sources import Item, iter_items
 from cpp.store import FeatureStore
 
 #: scikit-image sample photos the corpus is cut from (greyscale ones are stored as RGB).
@@ -89,73 +101,242 @@ ALL_VARIANTS = ("eager", "bf16", "flash", "cudagraph", "bf16_cudagraph", "compil
 # ---------------------------------------------------------------------------------------------- folder suite
 
 
-def bare_forward(encoder: Encoder, shape: tuple[int, ...], batch_size: int, images: int) -> dict[str, float]:
-    """Throughput of ``encode_images`` on pre-made uint8 tensors (one warm-up batch not timed)."""
+class TimedEngine(EmbedEngine):
+    """Wraps an engine and accounts for the seconds of a run: time waiting on the engine (and, of that, the
+    decode and forward seconds its units report) and time in :func:`embed_source` between units."""
+
+    def __init__(self, inner: EmbedEngine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.marks: dict[str, float] = {}
+        self.engine_s = self.decode_s = self.encode_s = 0.0
+
+    def run(
+        self, items: Sequence[Item], units: list[tuple[int, int]], encoder: Encoder, max_pixels: int
+    ) -> Generator[EncodedUnit, None, None]:
+        self.marks["first_unit_asked"] = time.perf_counter()
+        inner = self.inner.run(items, units, encoder, max_pixels)
+        try:
+            while True:
+                asked = time.perf_counter()
+                unit = next(inner, None)
+                self.engine_s += time.perf_counter() - asked
+                if unit is None:
+                    break
+                self.decode_s += unit.decode_s
+                self.encode_s += unit.encode_s
+                yield unit
+        finally:
+            inner.close()
+            self.marks["last_unit_done"] = time.perf_counter()
+
+    def describe(self) -> dict[str, object]:
+        return self.inner.describe()
+
+
+def bare_forward(
+    encoder: Encoder, shape: tuple[int, ...], batch_size: int, images: int, forward_batch: int | None
+) -> dict[str, Any]:
+    """Throughput of the forward alone on pre-made uint8 units, in pieces of ``forward_batch`` as the
+    engine runs them (one warm-up unit not timed)."""
     batch = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8)
-    encoder.encode_images(batch)
+    unit = DecodedUnit(start=0, size=batch_size, batch=batch, failures={})
+    encode_unit(unit, encoder, forward_batch)
     batches = math.ceil(images / batch_size)
     started = time.perf_counter()
     for _ in range(batches):
-        encoder.encode_images(batch)
+        encode_unit(unit, encoder, forward_batch)
     elapsed = time.perf_counter() - started
     return {
+        "forward_batch": forward_batch,
         "images": batches * batch_size,
         "seconds": round(elapsed, 3),
         "images_per_s": round(batches * batch_size / elapsed, 2),
     }
 
 
+def folder_files(folder: Path, limit: int | None, repeat: int, workdir: Path) -> list[str]:
+    """The first ``limit`` images of ``folder`` (sorted), listed ``repeat`` times over as symbolic links
+    under ``workdir`` (a file list names each file once) so that a small folder makes a longer run."""
+    paths = [
+        os.path.abspath(str(item.path)) for item in iter_items(SourceSpec(type="folder", path=str(folder)))
+    ]
+    if not paths:
+        raise SystemExit(f"no images in {folder}")
+    files = list(paths)
+    for round_ in range(1, repeat):
+        links = workdir / "repeats" / f"{round_:03d}"
+        links.mkdir(parents=True, exist_ok=True)
+        for index, path in enumerate(paths):
+            link = links / f"{index:06d}{Path(path).suffix}"
+            link.symlink_to(path)
+            files.append(str(link))
+    return files[:limit]
+
+
 def pipeline(
-    encoder: Encoder, folder: Path, limit: int | None, batch_size: int, engine: EmbedEngine
+    encoder: Encoder, files: list[str], batch_size: int, engine: EmbedEngine, workdir: Path
 ) -> dict[str, Any]:
-    """Throughput of :func:`embed_source` (decode, preprocess, forward, store) on the first ``limit``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        items = list(iter_items(SourceSpec(type="folder", path=str(folder))))[:limit]
-        file_list = Path(tmp) / "images.txt"
-        file_list.write_text("".join(f"{os.path.abspath(str(item.path))}\n" for item in items))
-        started = time.perf_counter()
-        store = embed_source(
-            SourceSpec(type="files", path=str(file_list)),
-            Path(tmp) / "store",
-            encoder,
-            batch_size=batch_size,
-            engine=engine,
+    """Throughput of :func:`embed_source` (list, read, decode, preprocess, forward, store) on ``files``, and
+    where its seconds went."""
+    file_list = workdir / "images.txt"
+    file_list.write_text("".join(f"{path}\n" for path in files))
+    timed = TimedEngine(engine)
+    store_dir = workdir / "store"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    started = time.perf_counter()
+    store = embed_source(
+        SourceSpec(type="files", path=str(file_list)), store_dir, encoder, batch_size=batch_size, engine=timed
+    )
+    elapsed = time.perf_counter() - started
+    if len(store) < len(files):
+        raise SystemExit(f"only {len(store)} of {len(files)} images embedded: {store.skipped()[:3]}")
+    listed = float(store.meta["timings_s"]["list"])
+    loop_s = timed.marks["last_unit_done"] - timed.marks["first_unit_asked"]
+    inline = engine.describe().get("workers") == 0
+    seconds = {
+        "list": listed,
+        "store_open_and_plan": timed.marks["first_unit_asked"] - started - listed,
+        "decode_inline" if inline else "wait_for_decoders": timed.decode_s if inline else 0.0,
+        "encode": timed.encode_s,
+        "engine_other": 0.0,
+        "store_writes_and_loop": loop_s - timed.engine_s,
+        "finish": started + elapsed - timed.marks["last_unit_done"],
+    }
+    if inline:
+        seconds["engine_other"] = timed.engine_s - timed.decode_s - timed.encode_s
+    else:
+        seconds["wait_for_decoders"] = timed.engine_s - timed.encode_s
+        seconds["decode_in_workers"] = timed.decode_s  # not on this process's clock
+    return {
+        "images": len(files),
+        "embedded": len(store),
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(len(files) / elapsed, 2),
+        "seconds_by_part": {key: round(value, 3) for key, value in seconds.items()},
+        "run": store.meta["run"],
+    }
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(np.asarray(values)))
+
+
+def decode_study(encoder: Encoder, files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Per-image milliseconds of the CPU preparation paths on ``files`` held in memory, and how far the
+    features of the default path (draft + windowed crop) are from those of the full decode + torchvision
+    preprocessing (cosines; meaningless with random weights)."""
+    datas = [Path(file).read_bytes() for file in files]
+    geometry = encoder.geometry
+    paths: dict[str, Callable[[bytes], torch.Tensor]] = {
+        "full_decode_torchvision": lambda data: prepare_image(data, encoder.preprocess, max_pixels),
+        "full_decode_windowed_crop": lambda data: prepare_image(
+            data, encoder.preprocess, max_pixels, geometry
+        ),
+        "draft_windowed_crop": lambda data: prepare_image(
+            data, encoder.preprocess, max_pixels, geometry, draft=True
+        ),
+    }
+    report: dict[str, Any] = {"images": len(files), "ms_per_image": {}}
+    tensors: dict[str, list[torch.Tensor]] = {}
+    for name, prepare in paths.items():
+        best = math.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            tensors[name] = [prepare(data) for data in datas]
+            best = min(best, time.perf_counter() - started)
+        report["ms_per_image"][name] = round(best / len(datas) * 1000, 3)
+    if geometry is not None:
+        width, height = geometry.min_source_size
+        min_size = (width * DRAFT_MARGIN, height * DRAFT_MARGIN)
+        report["drafted"] = sum(
+            decode_image(data, min_size=min_size).size != decode_image(data).size for data in datas
         )
-        elapsed = time.perf_counter() - started
-        if len(store) < len(items):
-            raise SystemExit(f"only {len(store)} of {len(items)} images embedded: {store.skipped()[:3]}")
-        return {
-            "images": len(items),
-            "embedded": len(store),
-            "seconds": round(elapsed, 3),
-            "images_per_s": round(len(items) / elapsed, 2),
-            "timings_s": store.meta["timings_s"],
+    reference = tensors["full_decode_torchvision"]
+    for name in ("full_decode_windowed_crop", "draft_windowed_crop"):
+        differences = [(a.int() - b.int()).abs() for a, b in zip(reference, tensors[name], strict=True)]
+        features = [
+            torch.cat([encoder.encode_images(torch.stack(part)) for part in _chunks(rows, 32)])
+            for rows in (reference, tensors[name])
+        ]
+        cosines = (features[0] * features[1]).sum(dim=1)
+        report[name] = {
+            "pixel_max_abs_diff": int(max(int(d.max()) for d in differences)),
+            "pixel_mean_abs_diff": round(float(np.mean([float(d.float().mean()) for d in differences])), 4),
+            "cosine_mean": round(float(cosines.mean()), 6),
+            "cosine_min": round(float(cosines.min()), 6),
         }
+    return report
+
+
+def _chunks(rows: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
 def folder_suite(args: argparse.Namespace) -> dict[str, Any]:
     if args.folder is None:
         raise SystemExit("the folder suite needs FOLDER")
-    encoder = create_encoder(args.model, device=args.device)
-    workers = default_workers(encoder.device) if args.workers is None else args.workers
-    batch_size = args.batch_size or 64
-    shape = tuple(encoder.preprocess(Image.new("RGB", (64, 64))).shape)
-    piped = pipeline(
-        encoder, args.folder, args.limit, batch_size, create_engine(args.engine, workers=workers)
-    )
-    bare = bare_forward(encoder, shape, batch_size, piped["images"])
-    return {
-        "machine": machine(encoder.device),
-        "encoder": encoder.id,
-        "folder": str(args.folder),
-        "batch_size": batch_size,
-        "engine": args.engine,
-        "workers": workers,
-        "input_shape": list(shape),
-        "pipeline": piped,
-        "bare_forward": bare,
-        "pipeline_over_bare": round(piped["images_per_s"] / bare["images_per_s"], 3),
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if args.random_weights:
+            encoder: Encoder = random_weights_encoder(
+                args.random_weights, resolve_device(args.device), workdir
+            )
+            weights = "random (timing only: the features mean nothing)"
+        else:
+            encoder = create_encoder(args.model, device=args.device)
+            weights = str(encoder.describe().get("weights"))
+        workers = default_workers(encoder.device) if args.workers is None else args.workers
+        forward_batch = args.forward_batch or default_forward_batch(encoder.device)
+        batch_size = args.batch_size or 64
+        shape = tuple(encoder.preprocess(Image.new("RGB", (64, 64))).shape)
+        files = folder_files(args.folder, args.limit, args.repeat, workdir)
+        distinct = files[: min(len(files), args.decode_images)]
+        result: dict[str, Any] = {
+            "machine": machine(encoder.device),
+            "encoder": encoder.id,
+            "weights": weights,
+            "folder": str(args.folder),
+            "images": len(files),
+            "repeat": args.repeat,
+            "batch_size": batch_size,
+            "engine": args.engine,
+            "workers": workers,
+            "forward_batch": forward_batch,
+            "input_shape": list(shape),
+            "rounds": [],
+        }
+        for _ in range(args.rounds):  # alternate, so that a change in load hits both
+            options: dict[str, Any] = {"workers": workers}
+            if args.engine == "local":
+                options["forward_batch"] = forward_batch
+            engine = create_engine(args.engine, **options)
+            piped = pipeline(encoder, files, batch_size, engine, workdir)
+            bare = bare_forward(encoder, shape, batch_size, len(files), forward_batch)
+            whole = bare_forward(encoder, shape, batch_size, len(files), None)
+            result["rounds"].append(
+                {
+                    "load_avg_1": round(os.getloadavg()[0], 2),
+                    "pipeline": piped,
+                    "bare_forward": bare,
+                    "bare_forward_whole_batch": whole,
+                }
+            )
+        rounds = result["rounds"]
+        pipeline_rate = _median([r["pipeline"]["images_per_s"] for r in rounds])
+        bare_rate = _median([r["bare_forward"]["images_per_s"] for r in rounds])
+        whole_rate = _median([r["bare_forward_whole_batch"]["images_per_s"] for r in rounds])
+        result["median_images_per_s"] = {
+            "pipeline": pipeline_rate,
+            "bare_forward": bare_rate,
+            "bare_forward_whole_batch": whole_rate,
+        }
+        result["pipeline_over_bare"] = round(pipeline_rate / bare_rate, 3)
+        result["pipeline_over_best_bare"] = round(pipeline_rate / max(bare_rate, whole_rate), 3)
+        if args.decode_images:
+            result["decode_study"] = decode_study(encoder, distinct)
+        result["machine"]["load_avg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        return result
 
 
 # ------------------------------------------------------------------------------------------------- gpu suite
@@ -628,7 +809,31 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--limit", type=int, default=None, help="use the first N images (sorted; folder suite)"
+        "--limit",
+        type=int,
+        default=None,
+        help="use the first N images (sorted, after --repeat; folder suite)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="list the folder's images this many times over (folder suite)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="pipeline and bare forward runs, alternated (folder suite)"
+    )
+    parser.add_argument(
+        "--forward-batch", type=int, default=None, help="images per forward pass (default: the engine's)"
+    )
+    parser.add_argument(
+        "--random-weights",
+        metavar="ARCH",
+        default=None,
+        help="time this open_clip architecture with random weights instead of --model (timing only)",
+    )
+    parser.add_argument(
+        "--decode-images",
+        type=int,
+        default=200,
+        help="images for the decode-path study: milliseconds and feature cosines (folder suite; 0: none)",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n", type=int, default=20000, help="corpus size (gpu suite)")

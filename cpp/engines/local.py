@@ -13,6 +13,9 @@ from cpp.engines.base import EmbedEngine, EncodedUnit, decode_unit, encode_unit,
 from cpp.engines.registry import register_engine
 from cpp.sources import Item
 
+#: Images per forward pass on a CPU (docs/benchmarks.md, "CPU embedding on real photos").
+CPU_FORWARD_BATCH = 16
+
 
 def default_workers(device: torch.device) -> int:
     """Decode worker processes. On a 2-core CPU machine none: decoding inline between batches beat one
@@ -22,6 +25,12 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
     return 0 if cores <= 2 else max(1, min(4, cores // 4))
+
+
+def default_forward_batch(device: torch.device) -> int | None:
+    """Images per forward pass: on a CPU at most :data:`CPU_FORWARD_BATCH` (the activations of a batch of
+    64 took 0.9 GB with the offline encoder), on a GPU the whole unit."""
+    return None if device.type == "cuda" else CPU_FORWARD_BATCH
 
 
 class LocalEngine(EmbedEngine):
@@ -34,18 +43,24 @@ class LocalEngine(EmbedEngine):
 
     name = "local"
 
-    def __init__(self, workers: int | None = None, *, draft: bool = True) -> None:
+    def __init__(
+        self, workers: int | None = None, *, draft: bool = True, forward_batch: int | None = None
+    ) -> None:
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        if forward_batch is not None and forward_batch < 1:
+            raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         self.workers = workers
         self.draft = draft
-        self._resolved: int | None = None
+        self.forward_batch = forward_batch
+        self._resolved: tuple[int, int | None] | None = None
 
     def run(
         self, items: Sequence[Item], units: list[tuple[int, int]], encoder: Encoder, max_pixels: int
     ) -> Generator[EncodedUnit, None, None]:
         workers = default_workers(encoder.device) if self.workers is None else self.workers
-        self._resolved = workers
+        forward_batch = self.forward_batch or default_forward_batch(encoder.device)
+        self._resolved = (workers, forward_batch)
         load = functools.partial(
             decode_unit,
             preprocess=encoder.preprocess,
@@ -55,14 +70,21 @@ class LocalEngine(EmbedEngine):
         )
         cuda = encoder.device.type == "cuda"
         for unit in load_units(items, units, load, workers=workers, pin_memory=cuda):
-            yield encode_unit(unit, encoder)
+            yield encode_unit(unit, encoder, forward_batch)
 
     def describe(self) -> dict[str, object]:
-        workers = self.workers if self._resolved is None else self._resolved
-        return {"engine": self.name, "workers": workers, "jpeg_draft": self.draft}
+        workers, forward_batch = self._resolved or (self.workers, self.forward_batch)
+        return {
+            "engine": self.name,
+            "workers": workers,
+            "jpeg_draft": self.draft,
+            "forward_batch": forward_batch,
+        }
 
 
 @register_engine("local")
-def local_engine(*, workers: int | None = None, draft: bool = True) -> LocalEngine:
+def local_engine(
+    *, workers: int | None = None, draft: bool = True, forward_batch: int | None = None
+) -> LocalEngine:
     """Decode on this machine's CPUs (``workers`` processes; default by device), encode on its device."""
-    return LocalEngine(workers, draft=draft)
+    return LocalEngine(workers, draft=draft, forward_batch=forward_batch)
