@@ -17,31 +17,19 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Literal, get_args
-
-from pydantic import BaseModel, Field
+from typing import get_args
 
 from cpp.clustering import OUTLIER, Clustering
 from cpp.errors import CppError
+from cpp.options import ExportFormat
 from cpp.result import Assignment, ClusterResult
 from cpp.sources import Roots
 
-ExportFormat = Literal["json", "csv", "coco", "folders"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 #: The formats that are one file (``folders`` is a directory).
 FILE_FORMATS = ("json", "csv", "coco")
 MEDIA_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "coco": "application/json"}
 _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
-
-
-class ExportOptions(BaseModel):
-    """What ``cpp export`` writes."""
-
-    format: ExportFormat = Field(
-        default="json",
-        description="json (result with assignments inline), csv (path, key, cluster, name, confidence), "
-        "coco (image-level labels, a category per cluster name) or folders (symlinks per cluster)",
-    )
 
 
 class ExportError(CppError):

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from cpp.clustering import OUTLIER, Clustering
 from cpp.curation import Members, members, open_store
 from cpp.errors import CppError
+from cpp.options import STATIC_MEMBERS
 from cpp.sources import Roots
 
 SortKey = Literal["size", "score", "uncertain", "name"]
@@ -45,21 +45,12 @@ MAP_POINTS = 20_000
 #: Map coordinates are integers in 0..MAP_SCALE.
 MAP_SCALE = 1000
 PROJECTION_FILE = "projection.npy"
-STATIC_MEMBERS = 48
 #: Skipped files listed by the run view (the count is always given).
 SKIPPED_SHOWN = 200
 UI_PACKAGE = "cpp.service.ui"
 #: The UI's script and style, beside ``index.html`` in ``ui/`` (as the service serves them).
 UI_ASSETS = ("app.js", "style.css")
 _CACHE_SIZE = 16
-
-
-class GalleryOptions(BaseModel):
-    """What ``cpp gallery`` includes."""
-
-    members: int = Field(
-        default=STATIC_MEMBERS, ge=1, le=2000, description="images per cluster page (the most confident)"
-    )
 
 
 class GalleryError(CppError):

@@ -16,6 +16,9 @@ StoreDtype = Literal["float16", "float32"]
 BUILTIN_VOCABULARIES = ("imagenet1k", "coco80", "cifar10", "cifar100")
 #: The vocabulary spec that means "the captions found in the source".
 CAPTIONS = "captions"
+ExportFormat = Literal["json", "csv", "coco", "folders"]
+#: Members per cluster page of a static gallery, by default (``cpp gallery --members``).
+STATIC_MEMBERS = 48
 
 
 class SourceSpec(BaseModel):
@@ -108,3 +111,21 @@ class FitOptions(BaseModel):
     batch_size: int = Field(default=512, ge=8, description="training batch size")
     context_k: int = Field(default=10, ge=0, description="nearest neighbours added as context tokens")
     view_k: int = Field(default=5, ge=0, description="neighbours a training view is drawn from")
+
+
+class ExportOptions(BaseModel):
+    """What ``cpp export`` writes."""
+
+    format: ExportFormat = Field(
+        default="json",
+        description="json (result with assignments inline), csv (path, key, cluster, name, confidence), "
+        "coco (image-level labels, a category per cluster name) or folders (symlinks per cluster)",
+    )
+
+
+class GalleryOptions(BaseModel):
+    """What ``cpp gallery`` includes."""
+
+    members: int = Field(
+        default=STATIC_MEMBERS, ge=1, le=2000, description="images per cluster page (the most confident)"
+    )

@@ -27,7 +27,7 @@ from cpp.options import (
     StoreDtype,
 )
 
-HEAVY = ("torch", "open_clip", "faiss", "fastapi", "uvicorn", "ray", "scipy", "skimage")
+HEAVY = ("torch", "open_clip", "faiss", "fastapi", "uvicorn", "ray", "scipy", "skimage", "numpy", "PIL")
 
 
 def test_building_the_parser_imports_no_heavy_library() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -22,7 +23,9 @@ from cpp.cli.common import (
 )
 from cpp.errors import CppError
 from cpp.options import ClusterOptions
-from cpp.result import ClusterResult
+
+if TYPE_CHECKING:
+    from cpp.result import ClusterResult
 
 DEMO_MODEL = "effnet-lite0-in1k"
 EXAMPLES = 3

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cpp.cli.common import add_option, check_output
-from cpp.export import ExportOptions
+from cpp.options import ExportOptions
 
 
 def register(subparsers: Any) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cpp.cli.common import add_option, check_output
-from cpp.gallery import GalleryOptions
+from cpp.options import GalleryOptions
 
 
 def register(subparsers: Any) -> None:
