@@ -44,7 +44,7 @@ from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.engines import EmbedEngine
 from cpp.errors import CppError
-from cpp.fit import REFERENCE_MAX, ContextTokens, FittedHead
+from cpp.head_model import REFERENCE_MAX, ContextTokens, FittedHead
 from cpp.knn import EXACT_MAX, build_index, normalize_rows
 from cpp.logging import get_logger
 from cpp.options import AssignOptions, SourceSpec

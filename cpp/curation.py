@@ -343,7 +343,7 @@ def _member_space(cl: Clustering, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
     x = store.take(rows)
     head_dir = cl.path / cl.manifest.head if cl.manifest.head else None
     if cl.manifest.space == "head" and head_dir is not None and head_dir.is_dir():
-        from cpp.fit import FittedHead
+        from cpp.head_model import FittedHead
 
         fitted = FittedHead.load(head_dir, device="cpu")
         z, c = fitted.encode(rows, x, fitted.context(store))

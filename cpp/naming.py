@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
-from cpp.fit import FittedHead
+from cpp.head_model import FittedHead
 from cpp.knn import normalize_rows
 from cpp.progress import StageReporter
 from cpp.vocab import Vocabulary

@@ -30,7 +30,7 @@ from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.engines import EmbedEngine
 from cpp.errors import CppError
-from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.head_model import FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.labels import check_supported, embed_vocabulary
 from cpp.logging import get_logger
@@ -59,6 +59,7 @@ from cpp.result import (
 )
 from cpp.sources import Roots, resolved_spec
 from cpp.store import LABEL_FIELDS, FeatureStore, RowRecord
+from cpp.train import fit_head
 from cpp.vocab import SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
 
 log = get_logger("pipeline")

@@ -20,7 +20,7 @@ from scipy.sparse.linalg import eigsh
 
 from cpp.errors import CppError
 from cpp.features import FeatureInput, as_matrix
-from cpp.fit import FittedHead
+from cpp.head_model import FittedHead
 from cpp.knn import knn_indices, normalize_rows
 from cpp.logging import get_logger
 from cpp.progress import RunControl

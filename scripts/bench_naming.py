@@ -25,13 +25,14 @@ import torch
 
 from cpp.embed import embed_source
 from cpp.encoders import create_encoder
-from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.head_model import FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.labels import embed_vocabulary
 from cpp.metrics import evaluate
 from cpp.naming import NamingConfig, name_clusters
 from cpp.options import SourceSpec
 from cpp.readout import readout
+from cpp.train import fit_head
 from cpp.vocab import resolve_vocabulary
 
 DEFAULT_SYNONYMS = Path(__file__).parent / "data" / "cifar10_imagenet1k_synonyms.json"

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpp.fit import FitConfig, fit_head
+from cpp.head_model import FitConfig
 from cpp.heads import HeadConfig
 from cpp.metrics import evaluate
 from cpp.readout import readout
 from cpp.store import FeatureStore, StoreWriter
+from cpp.train import fit_head
 
 
 def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:

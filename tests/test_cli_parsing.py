@@ -168,7 +168,7 @@ def test_option_models_agree_with_the_library() -> None:
 
     from cpp.embed import DTYPES
     from cpp.engines import LocalEngine, list_engines
-    from cpp.fit import FitConfig
+    from cpp.head_model import FitConfig
     from cpp.heads import HeadConfig
     from cpp.images import DEFAULT_MAX_PIXELS
 

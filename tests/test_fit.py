@@ -10,9 +10,10 @@ import torch
 from synthetic import subspace_mixture, write_store
 
 from cpp.errors import CppError
-from cpp.fit import FitConfig, FittedHead, auto_epochs, fit_head
+from cpp.head_model import FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.progress import Cancelled, ProgressEvent, RunControl
+from cpp.train import auto_epochs, fit_head
 
 SMALL_HEAD = HeadConfig(width=32, layers=1, heads=4, z_dim=16, context_k=3)
 SMALL_FIT = FitConfig(epochs=3, batch_size=64, warmup_epochs=1, cluster_rows=16, device="cpu")

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from cpp.encoders import Encoder, UnsupportedVocabulary, create_encoder
-from cpp.fit import FitConfig, fit_head
+from cpp.head_model import FitConfig
 from cpp.heads import HeadConfig
 from cpp.labels import VERBATIM, embed_vocabulary
 from cpp.naming import NamingConfig, NamingMethod, labels_through_head, name_clusters
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.pipeline import run_cluster
+from cpp.train import fit_head
 from cpp.vocab import SIMPLE_TEMPLATES, Vocabulary, builtin_vocabulary, captions_vocabulary, combine
 
 DIM = 16

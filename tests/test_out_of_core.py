@@ -10,13 +10,14 @@ import pytest
 from synthetic import subspace_mixture, write_store
 
 from cpp.features import FeatureMatrix
-from cpp.fit import ContextTokens, FitConfig, FittedHead, fit_head
+from cpp.head_model import ContextTokens, FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.knn import normalize_rows
 from cpp.metrics import clustering_accuracy
 from cpp.naming import NamingConfig, NamingMethod, name_clusters
 from cpp.readout import _nearest_per_cluster, readout
 from cpp.store import FeatureStore
+from cpp.train import fit_head
 from cpp.vocab import Vocabulary
 
 

@@ -9,7 +9,7 @@ import pytest
 from synthetic import subspace_mixture
 
 from cpp.errors import CppError
-from cpp.fit import FitConfig, FittedHead, fit_head
+from cpp.head_model import FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.knn import knn_indices
 from cpp.metrics import clustering_accuracy
@@ -22,6 +22,7 @@ from cpp.readout import (
     readout,
     silhouette,
 )
+from cpp.train import fit_head
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from synthetic import subspace_mixture
 
-from cpp.fit import FitConfig, fit_head
+from cpp.head_model import FitConfig
 from cpp.heads import HeadConfig
 from cpp.readout import direct_readout, readout
+from cpp.train import fit_head
 
 HEAD = HeadConfig(width=32, layers=1, heads=4, z_dim=16, context_k=5)
 FIT = FitConfig(epochs=4, batch_size=128, cluster_rows=32, device="cpu")

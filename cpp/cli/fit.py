@@ -62,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
     features = _open_store(args.features)
     import numpy as np
 
-    from cpp.fit import FitConfig, fit_head
+    from cpp.head_model import FitConfig
     from cpp.heads import HeadConfig
     from cpp.progress import RunControl
     from cpp.readout import readout
+    from cpp.train import fit_head
 
     head_config = HeadConfig(type=args.head, context_k=args.context_k)
     fit_config = FitConfig(

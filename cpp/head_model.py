@@ -1,17 +1,15 @@
-"""Training a clustering head by rate reduction: maximise R(Z) − γ R_c(Z, Π) − (β/2)‖Π‖²_F.
+"""A trained clustering head as used after training: inference (:class:`FittedHead`, :class:`ContextTokens`)
+and its checkpoint files.
 
-Π is the doubly stochastic membership Sinkhorn derives from the cluster codes C. Training starts with a
-warm-up on −R(Z) alone, after which the C projection is initialised from the Z projection. Without image
-augmentations, positive pairs come from *neighbour views*: half of each batch are anchors, the other half a
-random near neighbour of each anchor (``FitConfig.view_k``). Checkpoints are a safetensors file with the
-configuration as JSON beside it.
+A checkpoint is a directory with ``head.safetensors`` (the weights) and ``head.json`` (the head and training
+configurations, the input dimension and the training history); both are written atomically. Training
+itself is :mod:`cpp.train`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -26,19 +24,27 @@ from safetensors.torch import load_file, save_file
 from cpp.devices import resolve_device
 from cpp.errors import CppError
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
-from cpp.heads import CrateHead, HeadConfig, build_head
+from cpp.heads import HeadConfig, build_head
 from cpp.knn import build_index, knn_indices, normalize_rows, search_excluding
-from cpp.logging import get_logger
-from cpp.progress import RunControl
-from cpp.rate import coding_rate, coding_rate_clusters, membership
-
-log = get_logger("fit")
 
 WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "head.json"
 #: Up to this many rows, context neighbours are searched among all rows; above it among a fixed random
 #: sample of this many (the reference set), so no whole-set index or matrix is ever held in memory.
 REFERENCE_MAX = 100_000
+
+
+def autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for the head on CUDA (the rate terms upcast themselves); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def check_features(features: np.ndarray | FeatureMatrix) -> None:
+    """Raise :class:`FitInputError` unless ``features`` is 2-D with at least 2 rows and 1 column."""
+    if len(features.shape) != 2 or features.shape[0] < 2 or features.shape[1] < 1:
+        raise FitInputError(f"features must be a 2-D array with at least 2 rows, got shape {features.shape}")
 
 
 class FitInputError(CppError):
@@ -77,18 +83,6 @@ class FitConfig(BaseModel):
     max_train_samples: int = Field(default=50_000, ge=2, description="train on a random subset above this")
     seed: int = 0
     device: str = "auto"
-
-
-def _autocast(device: torch.device) -> AbstractContextManager[Any]:
-    """bfloat16 autocast for the head on CUDA (the rate terms upcast themselves); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _check_features(features: np.ndarray | FeatureMatrix) -> None:
-    if len(features.shape) != 2 or features.shape[0] < 2 or features.shape[1] < 1:
-        raise FitInputError(f"features must be a 2-D array with at least 2 rows, got shape {features.shape}")
 
 
 class ContextTokens:
@@ -133,13 +127,6 @@ class ContextTokens:
         return torch.cat([own, self._reference[torch.from_numpy(neighbours)]], dim=1)
 
 
-def _tokens(x: torch.Tensor, neighbours: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Token sets ``(B, 1 + k, d)``: each row followed by its context neighbours."""
-    if neighbours is None:
-        return x[rows].unsqueeze(1)
-    return x[torch.cat([rows.unsqueeze(1), neighbours[rows]], dim=1)]
-
-
 @dataclass
 class FittedHead:
     """A trained head with its configuration and training history."""
@@ -159,7 +146,7 @@ class FittedHead:
         return ContextTokens(as_matrix(features), self.head_config.context_k, seed=self.fit_config.seed)
 
     def _check_dim(self, matrix: FeatureMatrix) -> None:
-        _check_features(matrix)
+        check_features(matrix)
         if matrix.dim != self.in_dim:
             raise FitInputError(f"features have dimension {matrix.dim}, the head expects {self.in_dim}")
 
@@ -176,7 +163,7 @@ class FittedHead:
         for start in range(0, len(x), chunk_size):
             stop = min(start + chunk_size, len(x))
             tokens = context.tokens(rows[start:stop], x[start:stop]).to(device, non_blocking=True)
-            with _autocast(device):
+            with autocast(device):
                 z, c = self.head(tokens)
             z_out[start:stop] = z.float().cpu().numpy()
             c_out[start:stop] = c.float().cpu().numpy()
@@ -207,18 +194,24 @@ class FittedHead:
         return z_out, c_out
 
     def save(self, directory: str | Path) -> None:
-        """Write ``head.safetensors`` and ``head.json`` (configs, input dim, history) to ``directory``."""
+        """Write ``head.safetensors`` and ``head.json`` (configs, input dim, history) to ``directory``.
+
+        Both are written under temporary names first and then renamed, so neither is ever half-written.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        weights, config = directory / f"{WEIGHTS_FILE}.tmp", directory / f"{CONFIG_FILE}.tmp"
         state = {name: t.detach().cpu().contiguous() for name, t in self.head.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
+        save_file(state, str(weights))
         meta = {
             "in_dim": self.in_dim,
             "head": self.head_config.model_dump(),
             "fit": self.fit_config.model_dump(),
             "history": self.history,
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        config.write_text(json.dumps(meta, indent=2))
+        os.replace(weights, directory / WEIGHTS_FILE)
+        os.replace(config, directory / CONFIG_FILE)
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto") -> FittedHead:
@@ -241,145 +234,3 @@ class FittedHead:
         head.load_state_dict(load_file(str(weights)))
         head.to(resolve_device(device)).eval()
         return cls(head, head_config, fit_config, in_dim, list(meta.get("history", [])))
-
-
-def auto_epochs(n_train: int, config: FitConfig) -> int:
-    """Epochs giving about ``target_steps`` optimiser steps (at least warm-up + 1, at most ``max_epochs``)."""
-    batch = min(config.batch_size, n_train)
-    steps_per_epoch = max(1, n_train // (max(1, batch // 2) if config.view_k else batch))
-    epochs = math.ceil(config.target_steps / steps_per_epoch)
-    return max(config.warmup_epochs + 1, min(epochs, config.max_epochs))
-
-
-def rate_reduction_loss(
-    z: torch.Tensor,
-    c: torch.Tensor,
-    config: FitConfig,
-    *,
-    warmup: bool,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss and its terms (device tensors, no host sync); the rows of Π sampled for R_c are
-    drawn from ``generator`` (on the device of ``c``)."""
-    r = coding_rate(z, config.eps2)
-    if warmup:
-        return -r, {"rate": r.detach()}
-    pi = membership(c, config.temperature, config.sinkhorn_iters)
-    n = pi.shape[0]
-    if config.cluster_rows is not None and config.cluster_rows < n:
-        rows = torch.randperm(n, device=pi.device, generator=generator)[: config.cluster_rows]
-        rc = coding_rate_clusters(z, pi[rows], config.eps2) * (n / config.cluster_rows)
-    else:
-        rc = coding_rate_clusters(z, pi, config.eps2)
-    fro = (pi * pi).sum()
-    loss = -r + config.gamma * rc + 0.5 * config.beta * fro
-    return loss, {"rate": r.detach(), "rate_clusters": rc.detach(), "pi_fro2": fro.detach()}
-
-
-def fit_head(
-    features: FeatureInput,
-    head_config: HeadConfig | None = None,
-    fit_config: FitConfig | None = None,
-    *,
-    control: RunControl | None = None,
-) -> FittedHead:
-    """Train a head on ``features`` ``(N, d)`` or a feature store (rows are L2-normalised here).
-
-    Above ``max_train_samples`` rows it trains on a random sample of them (read by index from a store).
-    The same features, configurations and seed give the same weights, also in concurrent threads, as long as
-    the number of CPU threads is the same (another count sums floats in another order).
-    """
-    matrix = as_matrix(features)
-    _check_features(matrix)
-    head_config = head_config or HeadConfig()
-    fit_config = fit_config or FitConfig()
-    control = control or RunControl()
-    device = resolve_device(fit_config.device)
-    rng = np.random.default_rng(fit_config.seed)
-    n_all = len(matrix)
-    if n_all > fit_config.max_train_samples:
-        subset = np.sort(rng.choice(n_all, size=fit_config.max_train_samples, replace=False))
-        train = matrix.take(subset)
-        log.info("training on a random subset of %d of %d samples", len(subset), n_all)
-    else:
-        train = matrix.all()
-    if not np.isfinite(train).all():
-        raise FitInputError("features contain NaN or infinite values; re-embed or drop those rows")
-    x_np = normalize_rows(train)
-    n, in_dim = x_np.shape
-    k = head_config.context_k
-    if k >= n:
-        raise FitInputError(f"context_k={k} needs more than {k} samples, got {n}; lower --context-k")
-    view_k = min(fit_config.view_k, n - 1)
-    # One search serves both the context tokens and the neighbour views (faiss returns nearest first).
-    knn = torch.from_numpy(knn_indices(x_np, max(k, view_k)))
-    neighbours = knn[:, :k].contiguous().to(device) if k else None
-    # Neighbour views: every epoch visits each sample once as an anchor, paired with a random neighbour.
-    view_neighbours = knn[:, :view_k].contiguous() if view_k else None
-    x = torch.from_numpy(x_np).to(device)
-
-    # Every random draw comes from generators of this call, never torch's global one, so that runs in other
-    # threads (concurrent service jobs) cannot shift it. They give what torch.manual_seed(seed) gave before:
-    # the head's initial weights, then (CPU) the sampled rows of Π.
-    init = torch.Generator().manual_seed(fit_config.seed)
-    head = build_head(head_config, in_dim, generator=init).to(device)
-    sample_pi = init if device.type == "cpu" else torch.Generator(device).manual_seed(fit_config.seed)
-    if isinstance(head, CrateHead):
-        head.input_mean.copy_(x.mean(0))
-    z_proj, c_proj = head.get_submodule("z_proj"), head.get_submodule("c_proj")
-    c_ids = {id(p) for p in c_proj.parameters()}
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in head.parameters() if id(p) not in c_ids]},
-        {"params": list(c_proj.parameters()), "weight_decay": fit_config.cluster_weight_decay},
-    ]
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=fit_config.lr,
-        weight_decay=fit_config.weight_decay,
-    )
-    batch = min(fit_config.batch_size, n)
-    half = max(1, batch // 2)
-    steps_per_epoch = max(1, n // (half if view_k else batch))
-    epochs = fit_config.epochs or auto_epochs(n, fit_config)
-    generator = torch.Generator(device="cpu").manual_seed(fit_config.seed)
-    history: list[dict[str, float]] = []
-    stage = control.stage("fit", epochs, unit="epoch")
-    head.train()
-    try:
-        for epoch in range(epochs):
-            warmup = epoch < fit_config.warmup_epochs
-            if epoch == fit_config.warmup_epochs and epoch > 0:
-                c_proj.load_state_dict(z_proj.state_dict())
-            started = time.perf_counter()
-            order = torch.randperm(n, generator=generator)
-            sums: dict[str, torch.Tensor] = {}
-            for step in range(steps_per_epoch):
-                control.check_cancelled()
-                if view_neighbours is None:
-                    rows = order[step * batch : (step + 1) * batch].to(device)
-                else:
-                    anchors = order[step * half : (step + 1) * half]
-                    pick = torch.randint(view_neighbours.shape[1], (len(anchors),), generator=generator)
-                    rows = torch.cat([anchors, view_neighbours[anchors, pick]]).to(device)
-                with _autocast(device):
-                    z, c = head(_tokens(x, neighbours, rows))
-                loss, terms = rate_reduction_loss(z, c, fit_config, warmup=warmup, generator=sample_pi)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for name, value in {"loss": loss.detach(), **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + value
-            record = {name: float(value) / steps_per_epoch for name, value in sums.items()}
-            if not all(math.isfinite(v) for v in record.values()):
-                raise FitInputError(
-                    f"training diverged at epoch {epoch + 1} ({record}); lower the learning rate (lr)"
-                )
-            record.update(epoch=float(epoch + 1), seconds=time.perf_counter() - started)
-            history.append(record)
-            stage.show(loss=f"{record['loss']:.3f}")
-            log.debug("epoch %d/%d %s", epoch + 1, epochs, record)
-            stage.advance()
-    finally:
-        stage.close()
-    head.eval()
-    return FittedHead(head, head_config, fit_config.model_copy(update={"epochs": epochs}), in_dim, history)
