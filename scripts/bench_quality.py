@@ -561,6 +561,13 @@ def main() -> None:
         "heads make their auto runs at every seed",
     )
     parser.add_argument(
+        "--head-auto-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds at which the heads also make their auto run (default: every seed)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch and faiss threads (default: torch's)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here (after every run)")
@@ -573,6 +580,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
     kmeans_auto_seeds = set(args.seeds if args.kmeans_auto_seeds is None else args.kmeans_auto_seeds)
+    head_auto_seeds = set(args.seeds if args.head_auto_seeds is None else args.head_auto_seeds)
 
     dirty = [
         line[3:]
@@ -590,6 +598,7 @@ def main() -> None:
             "model": args.model,
             "seeds": args.seeds,
             "kmeans_auto_seeds": sorted(kmeans_auto_seeds),
+            "head_auto_seeds": sorted(head_auto_seeds),
             "methods": methods,
             "kmeans": {"init": "k-means++ (greedy)", "restarts": RESTARTS, "max_iter": MAX_ITER, "tol": TOL},
             "spectral_neighbours": SPECTRAL_NEIGHBOURS,
@@ -626,7 +635,10 @@ def main() -> None:
         )
         for seed in args.seeds:
             for method in methods:
-                auto = seed in kmeans_auto_seeds or method not in ("kmeans_raw", "kmeans_centred")
+                if method in HEADS:
+                    auto = seed in head_auto_seeds
+                else:
+                    auto = seed in kmeans_auto_seeds or method not in ("kmeans_raw", "kmeans_centred")
                 if method in HEADS:
                     run = run_head(data, method, seed, auto, args.model, encoder)
                 else:
