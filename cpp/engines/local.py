@@ -13,8 +13,10 @@ from cpp.engines.base import EmbedEngine, EncodedUnit, decode_unit, encode_unit,
 from cpp.engines.registry import register_engine
 from cpp.sources import Item
 
-#: Images per forward pass on a CPU (docs/benchmarks.md, "CPU embedding on real photos").
-CPU_FORWARD_BATCH = 16
+#: Images per forward pass on a CPU: the offline encoder's activations take about 12 MB per 224 px image, so
+#: that a batch of 64 in one pass made `cpp embed` peak at 1.7 GB; in passes of 8 it peaked at 0.97 GB (16:
+#: 1.05 GB). See docs/benchmarks.md, "CPU embedding on real photos".
+CPU_FORWARD_BATCH = 8
 
 
 def default_workers(device: torch.device) -> int:
@@ -28,8 +30,7 @@ def default_workers(device: torch.device) -> int:
 
 
 def default_forward_batch(device: torch.device) -> int | None:
-    """Images per forward pass: on a CPU at most :data:`CPU_FORWARD_BATCH` (the activations of a batch of
-    64 took 0.9 GB with the offline encoder), on a GPU the whole unit."""
+    """Images per forward pass: on a CPU at most :data:`CPU_FORWARD_BATCH`, on a GPU the whole unit."""
     return None if device.type == "cuda" else CPU_FORWARD_BATCH
 
 
