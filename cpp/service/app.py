@@ -131,9 +131,10 @@ def _document_this_server(app: FastAPI, settings: Settings) -> None:
             return app.openapi_schema
         schema = build()  # cached by FastAPI in app.openapi_schema; adjusted in place once
         components = schema["components"]
-        device = components["schemas"]["ClusterOptions"]["properties"]["device"]
-        device.pop("pattern", None)
-        device["enum"] = list(dict.fromkeys(["auto", *settings.devices]))
+        for options in ("ClusterOptions", "AssignOptions"):
+            device = components["schemas"][options]["properties"]["device"]
+            device.pop("pattern", None)
+            device["enum"] = list(dict.fromkeys(["auto", *settings.devices]))
         upload = schema["paths"][UPLOAD_PATH]["post"]["requestBody"]["content"]["multipart/form-data"]
         upload["schema"]["properties"]["files"].update(minItems=1, maxItems=settings.max_upload_files)
         if keyless:

@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 ClusterId = Annotated[int, Path(ge=-1, le=1_000_000, description="Cluster id in the newest revision")]
 Offset = Annotated[int, Query(ge=0, le=10**9)]
+#: A cluster id or an image row in an edit's body.
+ClusterRef = Annotated[int, Field(ge=0, le=1_000_000)]
+Row = Annotated[int, Field(ge=0, le=10**9)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Expected = Field(
     default=None, ge=0, description="The revision the edit was made against: 409 if the clustering moved on."
@@ -63,6 +66,18 @@ def _answer(call: Callable[[], T]) -> T:
         raise ApiProblem(422, "bad-edit", "Request not possible", str(exc)) from None
 
 
+def _existing(found: Clustering, cluster: int, *, outliers: bool = False) -> None:
+    """404 for a cluster id the newest revision does not have (-1, the outliers, only if ``outliers``)."""
+    count = len(found.state().clusters)
+    if not (0 <= cluster < count or (outliers and cluster == -1)):
+        raise ApiProblem(
+            404,
+            "not-found",
+            "Cluster not found",
+            f"cluster {cluster} does not exist; clusters are 0..{count - 1}",
+        )
+
+
 # ------------------------------------------------------------------------------------------------ views
 
 
@@ -86,6 +101,7 @@ def get_cluster(
     found: ClusteringDep, cluster: ClusterId, offset: Offset = 0, limit: Limit = 60
 ) -> dict[str, Any]:
     """The cluster (-1: the outliers), its alternative names, and its members by confidence."""
+    _existing(found, cluster, outliers=True)
     return _answer(lambda: gallery.cluster_page(found, cluster, offset=offset, limit=limit))
 
 
@@ -203,15 +219,17 @@ class RenameRequest(BaseModel):
 
 class MergeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    clusters: list[int] = Field(min_length=2, max_length=10_000, description="Merged into the first one.")
+    clusters: list[ClusterRef] = Field(
+        min_length=2, max_length=10_000, description="Merged into the first one."
+    )
     name: str | None = Field(default=None, min_length=1, max_length=curation.MAX_NAME_CHARS)
     expected_revision: int | None = Expected
 
 
 class MoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rows: list[int] = Field(min_length=1, max_length=100_000, description="Rows of the images to move.")
-    to: int = Field(ge=0, description="Target cluster.")
+    rows: list[Row] = Field(min_length=1, max_length=100_000, description="Rows of the images to move.")
+    to: ClusterRef = Field(description="Target cluster.")
     expected_revision: int | None = Expected
 
 
@@ -223,7 +241,7 @@ class SplitRequest(BaseModel):
 
 class OutlierRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rows: list[int] = Field(min_length=1, max_length=100_000)
+    rows: list[Row] = Field(min_length=1, max_length=100_000)
     expected_revision: int | None = Expected
 
 
@@ -239,6 +257,7 @@ edits = APIRouter(dependencies=[Depends(csrf_for_browsers)], responses=_EDIT)
 
 @edits.post("/clusters/{cluster}/rename", summary="Rename a cluster")
 def post_rename(found: ClusteringDep, cluster: ClusterId, body: RenameRequest) -> EditResult:
+    _existing(found, cluster)
     return _edited(lambda: curation.rename(found, cluster, body.name, expected=body.expected_revision))
 
 
@@ -257,6 +276,7 @@ def post_move(found: ClusteringDep, body: MoveRequest) -> EditResult:
 @edits.post("/clusters/{cluster}/split", summary="Split a cluster")
 def post_split(found: ClusteringDep, cluster: ClusterId, body: SplitRequest) -> EditResult:
     """Re-run the readout's clustering on the cluster's members, into ``parts`` clusters."""
+    _existing(found, cluster)
     return _edited(lambda: curation.split(found, cluster, body.parts, expected=body.expected_revision))
 
 

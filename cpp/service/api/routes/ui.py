@@ -82,7 +82,7 @@ class Login(BaseModel):
     "/ui/login",
     summary="Sign the browser in with an API key",
     status_code=204,
-    responses=problem_responses(401, 403, 422),
+    responses=problem_responses(400, 401, 403, 422),
 )
 def login(request: Request, body: Login, settings: SettingsDep) -> Response:
     """Check the key and keep it in an HttpOnly, SameSite=Strict cookie (CSRF header required)."""
