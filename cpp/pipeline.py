@@ -18,14 +18,13 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any, Literal, Protocol
 
 from cpp import clustering
+from cpp.build_result import FinishedRun, RowColumns, write_run
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.engines import EmbedEngine
@@ -34,8 +33,7 @@ from cpp.head_model import FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.labels import check_supported, embed_vocabulary
 from cpp.logging import get_logger
-from cpp.metrics import evaluate
-from cpp.naming import NamingConfig, name_clusters
+from cpp.naming import Naming, NamingConfig, name_clusters
 from cpp.options import CAPTIONS, ClusterOptions, SourceSpec
 from cpp.progress import RunControl
 from cpp.readout import (
@@ -47,20 +45,11 @@ from cpp.readout import (
     feature_readout,
     readout,
 )
-from cpp.result import (
-    Assignment,
-    Cluster,
-    ClusterResult,
-    Counts,
-    NameScore,
-    PartitionChoice,
-    RunInfo,
-    SkippedFile,
-)
+from cpp.result import Assignment, ClusterResult, PartitionChoice
 from cpp.sources import Roots, resolved_spec
-from cpp.store import LABEL_FIELDS, FeatureStore, RowRecord
+from cpp.store import LABEL_FIELDS, FeatureStore
 from cpp.train import fit_head
-from cpp.vocab import SIMPLE_TEMPLATES, captions_vocabulary, resolve_vocabulary
+from cpp.vocab import SIMPLE_TEMPLATES, Vocabulary, captions_vocabulary, resolve_vocabulary
 
 log = get_logger("pipeline")
 
@@ -74,8 +63,6 @@ HEAD_KEY_FILE = "key.json"
 INLINE_ASSIGNMENTS_MAX = 10_000
 MIN_IMAGES = 6
 REPRESENTATIVES = 5
-#: Members below this quantile of their own-subspace energy mark the novelty threshold (cpp.clustering).
-NOVELTY_QUANTILE = 0.05
 #: Below this many images the features are clustered directly, without a head (see the module docstring).
 SMALL_N = 256
 
@@ -125,8 +112,11 @@ def _fit_or_reuse(
         control.stage("fit", 1).advance()
         return FittedHead.load(directory, device=fit.device)
     fitted = fit_head(store, head, fit, control=control)
+    key_file.unlink(missing_ok=True)  # the old key must not vouch for the files being replaced
     fitted.save(directory)
-    key_file.write_text(json.dumps(key))
+    partial = key_file.with_name(f"{key_file.name}.tmp")
+    partial.write_text(json.dumps(key))
+    os.replace(partial, key_file)
     return fitted
 
 
@@ -154,58 +144,6 @@ def _choose_partition(
     )
 
 
-def _display_names(store: FeatureStore, indices: np.ndarray) -> dict[int, str]:
-    """Path (or key) of each row in ``indices``, found in one pass over the store's index."""
-    wanted = set(indices.tolist())
-    return {row.index: row.path or row.key for row in store.iter_rows() if row.index in wanted}
-
-
-def _true_labels(rows: Iterable[RowRecord]) -> np.ndarray | None:
-    """Integer ground truth of the rows (-1 where unlabelled, classes numbered by first appearance), or
-    None when no row has a label."""
-    index: dict[str, int] = {}
-    truth = np.array(
-        [-1 if row.label is None else index.setdefault(row.label, len(index)) for row in rows], dtype=np.int64
-    )
-    return truth if index else None
-
-
-def _metrics(rows: Iterable[RowRecord], predicted: np.ndarray) -> dict[str, float] | None:
-    y = _true_labels(rows)
-    if y is None:
-        return None
-    labelled = y >= 0
-    metrics = evaluate(y[labelled], predicted[labelled])
-    metrics["labelled"] = float(labelled.sum())
-    return metrics
-
-
-def _assignment_dicts(
-    rows: Iterable[RowRecord],
-    result: Readout,
-    names: Sequence[str],
-    image_labels: np.ndarray,
-    image_scores: np.ndarray,
-) -> Iterator[dict[str, Any]]:
-    """One JSON-ready :class:`Assignment` per row, generated lazily (large results are streamed to disk)."""
-    labels = result.labels.tolist()
-    confidence = np.round(result.confidence.astype(np.float64), 5).tolist()
-    label_names = [names[i] for i in image_labels.tolist()]
-    scores = np.round(image_scores.astype(np.float64), 5).tolist()
-    return (
-        {
-            "key": row.key,
-            "path": row.path,
-            "cluster": labels[i],
-            "confidence": confidence[i],
-            "label": label_names[i],
-            "label_score": scores[i],
-            "true_label": row.label,
-        }
-        for i, row in enumerate(rows)
-    )
-
-
 def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: Path, roots: Roots) -> None:
     """Fail before embedding when a vocabulary file is missing or the encoder cannot embed the names."""
     fixed = [spec for spec in specs if spec != CAPTIONS]
@@ -215,6 +153,161 @@ def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: P
         vocabulary = resolve_vocabulary(fixed, roots=roots)
         if not encoder.has_text_tower:  # classifier rows: instant, and raises for names it does not know
             embed_vocabulary(encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=cache_dir)
+
+
+class _Stages:
+    """The one place a run's stages are timed; each stage reports its own progress through ``control``."""
+
+    def __init__(self, control: RunControl) -> None:
+        self.control = control
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[RunControl]:
+        """Time stage ``name`` (the embed stage from the start of the run, encoder loading included)."""
+        tick = self.started if name == "embed" else time.perf_counter()
+        yield self.control
+        self.timings[name] = time.perf_counter() - tick
+        log.debug("stage %s: %.3f s", name, self.timings[name])
+
+
+class Clusterer(Protocol):
+    """How a collection is partitioned: fitted once (``fit`` stage), then read out (``readout`` stage)."""
+
+    #: What ``result.run.head`` records.
+    head_info: dict[str, Any]
+
+    def fit(self, store: FeatureStore, control: RunControl) -> None: ...
+
+    def partition(
+        self, store: FeatureStore, control: RunControl
+    ) -> tuple[Readout, PartitionChoice, FittedHead | None]:
+        """The readout, how it was chosen, and the head whose Z it lives in (None: the encoder features)."""
+        ...
+
+    def fit_info(self, n: int) -> dict[str, Any]:
+        """What ``result.run.fit`` records."""
+        ...
+
+    def device(self, encoder: Encoder) -> str:
+        """Where the clustering ran."""
+        ...
+
+
+class DirectClusterer:
+    """Below :data:`SMALL_N` images: spherical k-means on the encoder features, K by silhouette; no head."""
+
+    def __init__(self, options: ClusterOptions) -> None:
+        self.options = options
+        self.head_info: dict[str, Any] = {
+            "type": "none",
+            "reason": f"fewer than {SMALL_N} images: spherical k-means on the encoder features, "
+            "K by silhouette",
+        }
+
+    def fit(self, store: FeatureStore, control: RunControl) -> None:
+        log.info(
+            "%d images (< %d): clustering the features directly, without training a head", len(store), SMALL_N
+        )
+        control.stage("fit", 1).advance()
+
+    def partition(
+        self, store: FeatureStore, control: RunControl
+    ) -> tuple[Readout, PartitionChoice, FittedHead | None]:
+        stage = control.stage("readout", 1)
+        found = direct_readout(
+            store.features(), self.options.clusters, seed=self.options.seed, representatives=REPRESENTATIVES
+        )
+        stage.advance()
+        return found, PartitionChoice(method="direct"), None
+
+    def fit_info(self, n: int) -> dict[str, Any]:
+        return {}
+
+    def device(self, encoder: Encoder) -> str:
+        return str(encoder.device)
+
+
+class HeadClusterer:
+    """A trained (or reused) head, then its partition or the encoder features' (:func:`_choose_partition`)."""
+
+    def __init__(self, n: int, options: ClusterOptions, directory: Path) -> None:
+        self.options = options
+        self.directory = directory
+        self.head_config, self.fit_config = head_configs(n, options)
+        self.head_info = self.head_config.model_dump()
+        self._fitted: FittedHead | None = None
+
+    @property
+    def fitted(self) -> FittedHead:
+        if self._fitted is None:
+            raise RuntimeError("HeadClusterer.fit must run before the head is used")
+        return self._fitted
+
+    def fit(self, store: FeatureStore, control: RunControl) -> None:
+        self._fitted = _fit_or_reuse(store, self.head_config, self.fit_config, self.directory, control)
+
+    def partition(
+        self, store: FeatureStore, control: RunControl
+    ) -> tuple[Readout, PartitionChoice, FittedHead | None]:
+        found, partition = _choose_partition(store, self.fitted, self.options, control)
+        return found, partition, self.fitted if partition.method == "head" else None
+
+    def fit_info(self, n: int) -> dict[str, Any]:
+        fitted = self.fitted
+        return {
+            **fitted.fit_config.model_dump(),
+            "trained_on": min(n, fitted.fit_config.max_train_samples),
+            "final": fitted.history[-1] if fitted.history else {},
+        }
+
+    def device(self, encoder: Encoder) -> str:
+        return str(self.fitted.device)
+
+
+def choose_clusterer(n: int, options: ClusterOptions, head_dir: Path) -> Clusterer:
+    """Direct clustering below :data:`SMALL_N` images, else a head saved in (or reused from) ``head_dir``."""
+    return DirectClusterer(options) if n < SMALL_N else HeadClusterer(n, options, head_dir)
+
+
+def _check_size(source: SourceSpec, store: FeatureStore, options: ClusterOptions) -> None:
+    n = len(store)
+    if n < MIN_IMAGES:
+        raise PipelineError(
+            f"only {n} usable images in {source.path} ({len(store.skipped())} skipped); "
+            f"clustering needs at least {MIN_IMAGES}"
+        )
+    if isinstance(options.clusters, int) and options.clusters > n // 2:
+        raise PipelineError(
+            f"{options.clusters} clusters need at least {2 * options.clusters} images (two per cluster); "
+            f"{source.path} has {n}. Ask for at most {n // 2} clusters, or 'auto'."
+        )
+
+
+def name_partition(
+    store: FeatureStore,
+    found: Readout,
+    used: FittedHead | None,
+    encoder: Encoder,
+    vocabulary: Vocabulary,
+    *,
+    seed: int,
+    cache_dir: Path,
+    control: RunControl,
+) -> tuple[NamingConfig, Naming]:
+    """Name the clusters of ``found`` (in the head's Z with ``used``, else in the encoder's feature space)."""
+    naming_config = NamingConfig(seed=seed)
+    if used is None:
+        naming_config = naming_config.model_copy(update={"space": "raw"})
+    stage = control.stage("name", len(vocabulary) + 2)
+    label_vectors = embed_vocabulary(
+        encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=cache_dir, stage=stage
+    )
+    naming = name_clusters(
+        store, found.labels, label_vectors, vocabulary, naming_config, fitted=used, z=found.z, stage=stage
+    )
+    return naming_config, naming
 
 
 def run_cluster(
@@ -227,7 +320,8 @@ def run_cluster(
     engine: EmbedEngine | None = None,
     roots: Roots = None,
 ) -> ClusterResult:
-    """Cluster and name the images of ``source``; writes ``work_dir/result.json`` and returns the result.
+    """Cluster and name the images of ``source``; writes the clustering (``result.json`` included) to
+    ``work_dir`` and returns the result.
 
     Resumable: the feature store in ``work_dir/features`` and the fitted head are reused when they match.
     Progress stages: ``embed``, ``fit``, ``readout`` and ``name``; :class:`~cpp.progress.Cancelled` is raised
@@ -235,176 +329,65 @@ def run_cluster(
     imply (default engine: local). With ``roots``, every file read (images, lists, annotations, vocabulary
     files) must resolve inside them (:mod:`cpp.sources`).
     """
+    # Over 60 lines on purpose: the stages read top to bottom in one place; the last 20 lines only name the
+    # result's inputs.
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    control = control or RunControl()
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    if encoder is None:
-        try:
-            encoder = create_encoder(options.model, device=options.device)
-        except ValueError as exc:  # unknown spec or bad argument
-            raise PipelineError(f"model {options.model!r}: {exc}") from exc
-    _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR, roots)
-    store = embed_source(
-        source,
-        work_dir / FEATURES_DIR,
-        encoder,
-        batch_size=options.batch_size,
-        engine=engine,
-        control=control,
-        roots=roots,
-    )
-    n = len(store)
-    timings["embed"] = time.perf_counter() - started
-    if n < MIN_IMAGES:
-        raise PipelineError(
-            f"only {n} usable images in {source.path} ({len(store.skipped())} skipped); "
-            f"clustering needs at least {MIN_IMAGES}"
+    stages = _Stages(control or RunControl())
+    with stages.stage("embed") as run:
+        encoder = encoder or create_encoder(options.model, device=options.device)
+        _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR, roots)
+        store = embed_source(
+            source,
+            work_dir / FEATURES_DIR,
+            encoder,
+            batch_size=options.batch_size,
+            engine=engine,
+            control=run,
+            roots=roots,
         )
-    if isinstance(options.clusters, int) and options.clusters > n // 2:
-        raise PipelineError(
-            f"{options.clusters} clusters need at least {2 * options.clusters} images (two per cluster); "
-            f"{source.path} has {n}. Ask for at most {n // 2} clusters, or 'auto'."
-        )
-    vocabulary = resolve_vocabulary(
-        options.vocabulary,
-        captions=(caption for row in store.iter_rows() for caption in row.captions),
-        roots=roots,
-    )
-
-    tick = time.perf_counter()
-    fitted: FittedHead | None = None
-    if n < SMALL_N:
-        log.info("%d images (< %d): clustering the features directly, without training a head", n, SMALL_N)
-        head_info: dict[str, Any] = {
-            "type": "none",
-            "reason": f"fewer than {SMALL_N} images: spherical k-means on the encoder features, "
-            "K by silhouette",
-        }
-        control.stage("fit", 1).advance()
-    else:
-        head_config, fit_config = head_configs(n, options)
-        fitted = _fit_or_reuse(store, head_config, fit_config, work_dir / HEAD_DIR, control)
-        head_info = head_config.model_dump()
-    timings["fit"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    if fitted is None:
-        stage = control.stage("readout", 1)
-        found = direct_readout(
-            store.features(), options.clusters, seed=options.seed, representatives=REPRESENTATIVES
-        )
-        stage.advance()
-        partition = PartitionChoice(method="direct")
-    else:
-        found, partition = _choose_partition(store, fitted, options, control)
-    # The head whose Z the chosen partition lives in (None: the encoder features).
-    used = fitted if partition.method == "head" else None
-    timings["readout"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    naming_config = NamingConfig(seed=options.seed)
-    if used is None:
-        naming_config = naming_config.model_copy(update={"space": "raw"})
-    stage = control.stage("name", len(vocabulary) + 2)
-    label_vectors = embed_vocabulary(
-        encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=work_dir / LABELS_DIR, stage=stage
-    )
-    naming = name_clusters(
-        store,
-        found.labels,
-        label_vectors,
-        vocabulary,
-        naming_config,
-        fitted=used,
-        z=found.z,
-        stage=stage,
-    )
-    timings["name"] = time.perf_counter() - tick
-
-    sizes = np.bincount(found.labels, minlength=len(found.centers))
-    shown = _display_names(store, np.concatenate(found.representatives))
-    clusters = [
-        Cluster(
-            id=j,
-            size=int(sizes[j]),
-            name=named.name,
-            score=round(named.score, 5),
-            uncertain=named.uncertain,
-            alternatives=[NameScore(name=a, score=round(s, 5)) for a, s in named.alternatives],
-            representatives=[shown[i] for i in found.representatives[j].tolist()],
-        )
-        for j, named in enumerate(naming.clusters)
-    ]
-    assignments = _assignment_dicts(
-        store.iter_rows(), found, vocabulary.names, naming.image_labels, naming.image_scores
-    )
-    inline = n <= INLINE_ASSIGNMENTS_MAX
-    if not inline:
-        clustering.write_assignments(work_dir, assignments, n)
-    timings["total"] = time.perf_counter() - started
-
-    fit_info: dict[str, Any] = {}
-    if fitted is not None:
-        fit_info = {
-            **fitted.fit_config.model_dump(),
-            "trained_on": min(n, fitted.fit_config.max_train_samples),
-            "final": fitted.history[-1] if fitted.history else {},
-        }
-    result = ClusterResult(
-        run=RunInfo(
-            encoder=encoder.describe(),
-            head=head_info,
-            fit=fit_info,
-            k_selection=found.k_selection,
-            partition=partition,
-            naming={
-                "vocabularies": list(options.vocabulary),
-                "names": len(vocabulary),
-                "names_by_origin": vocabulary.sources(),
-                "templates": list(SIMPLE_TEMPLATES),
-                **naming_config.model_dump(),
-            },
-            source=resolved_spec(source),
-            timings_s={name: round(value, 3) for name, value in timings.items()},
-            counts=Counts(items=store.counts["items"], embedded=n, skipped=store.counts["skipped"]),
-            skipped=[SkippedFile(key=s.key, path=s.path, reason=s.reason) for s in store.skipped()],
-            device=str(fitted.device if fitted is not None else encoder.device),
+    _check_size(source, store, options)
+    rows = RowColumns.read(store)
+    captions = (caption for row_captions in rows.captions for caption in row_captions)
+    vocabulary = resolve_vocabulary(options.vocabulary, captions=captions, roots=roots)
+    clusterer = choose_clusterer(len(store), options, work_dir / HEAD_DIR)
+    with stages.stage("fit") as run:
+        clusterer.fit(store, run)
+    with stages.stage("readout") as run:
+        found, partition, used = clusterer.partition(store, run)
+    with stages.stage("name") as run:
+        naming_config, naming = name_partition(
+            store,
+            found,
+            used,
+            encoder,
+            vocabulary,
             seed=options.seed,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            work_dir=str(work_dir.resolve()),
-        ),
-        clusters=clusters,
-        assignments=[Assignment.model_validate(a) for a in assignments] if inline else None,
-        assignments_file=None if inline else ASSIGNMENTS_FILE,
-        metrics=_metrics(store.iter_rows(), found.labels),
+            cache_dir=work_dir / LABELS_DIR,
+            control=run,
+        )
+    return write_run(
+        FinishedRun(
+            work_dir=work_dir,
+            source=source,
+            options=options,
+            encoder=encoder,
+            store=store,
+            rows=rows,
+            head_info=clusterer.head_info,
+            fit_info=clusterer.fit_info(len(store)),
+            device=clusterer.device(encoder),
+            found=found,
+            partition=partition,
+            used=used,
+            vocabulary=vocabulary,
+            naming_config=naming_config,
+            naming=naming,
+            timings=stages.timings,
+            started=stages.started,
+            inline_max=INLINE_ASSIGNMENTS_MAX,
+        )
     )
-    clustering.create(
-        work_dir,
-        manifest=clustering.Manifest(
-            id=clustering.new_id(),
-            created_at=result.run.created_at,
-            model=options.model,
-            encoder=result.run.encoder,
-            options=options.model_dump(mode="json"),
-            source=result.run.source,
-            space="raw" if used is None else "head",
-            head=None if used is None else HEAD_DIR,
-            novelty=clustering.calibrate_novelty(found.fit, NOVELTY_QUANTILE),
-            members=n,
-        ),
-        readout=clustering.ReadoutModel(
-            centers=found.centers,
-            bases=found.bases,
-            labels=found.labels,
-            confidence=found.confidence,
-            fit=found.fit,
-        ),
-        result=result,
-    )
-    return result
 
 
 def load_result(work_dir: str | Path) -> ClusterResult:

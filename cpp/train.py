@@ -81,6 +81,8 @@ def fit_head(
     The same features, configurations and seed give the same weights, also in concurrent threads, as long as
     the number of CPU threads is the same (another count sums floats in another order).
     """
+    # Over 60 lines on purpose: one training loop whose random draws (subset, initial weights, batches, rows
+    # of Π) must stay in this order for runs to keep reproducing; split, the order would be spread out.
     matrix = as_matrix(features)
     check_features(matrix)
     head_config = head_config or HeadConfig()
