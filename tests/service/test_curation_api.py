@@ -120,7 +120,7 @@ def test_edits_make_revisions_that_the_api_shows(keyed: TestClient, image_root: 
     stale = keyed.post(f"{base}/clusters/0/rename", json={"name": "x", "expected_revision": 1}, headers=ONE)
     assert stale.status_code == 409 and stale.json()["type"] == "urn:cpp:problem:revision-conflict"
     bad = keyed.post(f"{base}/clusters/40/rename", json={"name": "x"}, headers=ONE)
-    assert bad.status_code == 422 and "cluster 40 does not exist" in bad.json()["detail"]
+    assert bad.status_code == 404 and "cluster 40 does not exist" in bad.json()["detail"]
     restored = keyed.post(f"{base}/restore", json={"revision": 0}, headers=ONE).json()
     assert restored["revision"] == 6
     result = keyed.get(f"/v1/jobs/{job}/result", headers=ONE).json()
