@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cpp.embed import embed_source
-from cpp.encoders import create_encoder
+from cpp.encoders import Encoder, create_encoder
 from cpp.head_model import FitConfig, FittedHead
 from cpp.heads import HeadConfig
 from cpp.labels import embed_vocabulary
@@ -38,14 +38,14 @@ from cpp.vocab import resolve_vocabulary
 DEFAULT_SYNONYMS = Path(__file__).parent / "data" / "cifar10_imagenet1k_synonyms.json"
 
 
-def load_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features, integer true labels and class names, from a folder source or precomputed files."""
+def load_features(args: argparse.Namespace, encoder: Encoder) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features, integer true labels and class names, from a folder source (embedded by ``encoder``) or
+    precomputed files."""
     if args.features:
         x = np.load(args.features).astype(np.float32)
         y = np.load(args.labels).astype(np.int64)
         classes = list(json.loads(Path(args.classes).read_text()))
         return x, y, classes
-    encoder = create_encoder(args.model, device=args.device)
     spec = SourceSpec(type="folder", path=args.source, labels_from_folders=True)
     store = embed_source(spec, Path(args.work_dir) / "features", encoder, batch_size=args.batch_size)
     truth = [row.label or "" for row in store.rows()]
@@ -115,10 +115,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
 
-    tick = time.perf_counter()
-    x, y, classes = load_features(args)
-    timings["features"] = time.perf_counter() - tick
     encoder = create_encoder(args.model, device=args.device)
+    tick = time.perf_counter()
+    x, y, classes = load_features(args, encoder)
+    timings["features"] = time.perf_counter() - tick
     vocabulary = resolve_vocabulary(args.vocabulary)
     label_vectors = embed_vocabulary(encoder, vocabulary, cache_dir=Path(args.work_dir) / "labels")
     synonyms = json.loads(Path(args.synonyms).read_text())["synonyms"]
