@@ -313,7 +313,7 @@ def feature_readout(
     max_spectral: int = 20_000,
     representatives: int = 5,
 ) -> Readout:
-    """Spectral clustering of the kNN graph of the unit encoder features into ``clusters`` (no head).
+    """Spectral clustering of the kNN graph of the centred unit encoder features into ``clusters`` (no head).
 
     Above ``max_spectral`` rows a random landmark subset is clustered and every row is then assigned to the
     nearest landmark-cluster subspace (rank ``min(8, d // K)``) of the unit features, streamed block by block.
@@ -325,7 +325,11 @@ def feature_readout(
         np.arange(n) if n <= max_spectral else np.sort(rng.choice(n, size=max_spectral, replace=False))
     )
     x_land = normalize_rows(matrix.take(landmarks).astype(np.float32))
-    labels = _relabel_by_size(_spectral_labels(spectral_embedding(x_land, clusters), clusters, seed))
+    # The graph joins neighbours of the centred unit features (the shared mean direction removed: 10-NN
+    # label purity 0.566 against 0.549 on CIFAR-10, 0.310 against 0.287 on Tiny ImageNet); centres and
+    # bases stay in the unit features, the space new images are assigned in.
+    centred = normalize_rows(x_land - x_land.mean(0))
+    labels = _relabel_by_size(_spectral_labels(spectral_embedding(centred, clusters), clusters, seed))
     k = int(labels.max()) + 1
     bases = cluster_bases(x_land, labels, k, max(1, min(8, x_land.shape[1] // k)))
     selection = KSelection(method="fixed", k=k)
