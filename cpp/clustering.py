@@ -25,6 +25,7 @@ the highest-numbered JSON file. Readers never see a half-written revision: files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -186,7 +187,8 @@ class NoveltyModel:
         return Novelty(score="gaussian", quantile=quantile, threshold=round(threshold, 6))
 
     def save(self, path: Path) -> None:
-        partial = path.with_name(f"{path.name}.tmp.npz")
+        """Write the model to ``path`` atomically (a temporary name of its own: writers may race)."""
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp.npz")
         np.savez(partial, means=self.means, whitening=self.whitening, member_scores=self.member_scores)
         os.replace(partial, path)
 
@@ -407,7 +409,8 @@ class Clustering:
         if len(rows) > NOVELTY_SAMPLE:
             rows = np.sort(np.random.default_rng(0).choice(len(rows), size=NOVELTY_SAMPLE, replace=False))
         model = NoveltyModel.fit(store.take(rows), labels[rows], len(self.readout().centers))
-        model.save(path)
+        with contextlib.suppress(OSError):  # a read-only clustering: usable, the model is fitted every call
+            model.save(path)
         return model
 
     def readout(self) -> ReadoutModel:
