@@ -44,6 +44,12 @@ TEST_DEVICE = os.environ.get("CPP_TEST_DEVICE", "cpu")
 MIN_COSINE = 0.99 if TEST_DEVICE == "cuda" else 0.999
 
 
+def _full_decode() -> LocalEngine:
+    """The local engine decoding every JPEG at full size, as the device engine does (by default the local
+    engine decodes large ones at reduced scale, tests/test_engines_local.py)."""
+    return LocalEngine(0, draft=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_clip_spec: str) -> Encoder:
     return create_encoder(tiny_clip_spec, device=TEST_DEVICE)
@@ -169,7 +175,7 @@ def test_device_engine_matches_local_engine(
     only weakly (cosines 0.93 on average between different photos), the EfficientNet clearly (0.19)."""
     encoder = tiny_encoder if model == "tiny" else create_encoder(model, device=TEST_DEVICE)
     spec = _folder(_mixed_folder(photo_dir))
-    local = embed_source(spec, tmp_path / "local", encoder, batch_size=5, workers=0, chunk_size=8)
+    local = embed_source(spec, tmp_path / "local", encoder, batch_size=5, engine=_full_decode(), chunk_size=8)
     engine = DeviceDecodeEngine(workers=workers)
     device = embed_source(spec, tmp_path / "device", encoder, batch_size=5, engine=engine, chunk_size=8)
 
@@ -219,7 +225,7 @@ def test_a_share_of_jpegs_decoded_by_the_readers(
     spec = _folder(photo_dir)
     engine = DeviceDecodeEngine(workers=1, cpu_share=0.5)
     shared = embed_source(spec, tmp_path / "shared", tiny_encoder, batch_size=3, engine=engine)
-    local = embed_source(spec, tmp_path / "local", tiny_encoder, batch_size=3, workers=0)
+    local = embed_source(spec, tmp_path / "local", tiny_encoder, batch_size=3, engine=_full_decode())
     assert shared.rows() == local.rows()
     run = shared.meta["run"]
     assert (run["device_decoded"], run["cpu_decoded"], run["cpu_share"]) == (4, 4, 0.5)
@@ -246,7 +252,7 @@ def test_rejected_batch_is_retried_per_image_and_falls_back_to_pil(
     spec = _folder(photo_dir)
     engine = DeviceDecodeEngine(workers=0)
     device = embed_source(spec, tmp_path / "device", tiny_encoder, batch_size=4, engine=engine)
-    local = embed_source(spec, tmp_path / "local", tiny_encoder, batch_size=4, workers=0)
+    local = embed_source(spec, tmp_path / "local", tiny_encoder, batch_size=4, engine=_full_decode())
     assert calls == [4, 1, 1, 1, 1, 4]  # the batch with the coffee, retried image by image, then the next
     assert device.rows() == local.rows() and device.counts["skipped"] == 0
     assert (device.meta["run"]["device_decoded"], device.meta["run"]["cpu_decoded"]) == (7, 1)
@@ -255,7 +261,9 @@ def test_rejected_batch_is_retried_per_image_and_falls_back_to_pil(
 
 def test_resume_with_the_other_engine_matches(photo_dir: Path, tmp_path: Path, tiny_encoder: Encoder) -> None:
     spec = _folder(photo_dir)
-    full = embed_source(spec, tmp_path / "full", tiny_encoder, batch_size=2, chunk_size=3, workers=0)
+    full = embed_source(
+        spec, tmp_path / "full", tiny_encoder, batch_size=2, chunk_size=3, engine=_full_decode()
+    )
     control = cancel_after(4)  # after the first chunk
     with pytest.raises(Cancelled):
         embed_source(
@@ -268,7 +276,7 @@ def test_resume_with_the_other_engine_matches(photo_dir: Path, tmp_path: Path, t
             control=control,
         )
     resumed = embed_source(
-        spec, tmp_path / "resumed", tiny_encoder, batch_size=2, chunk_size=3, engine=LocalEngine(0)
+        spec, tmp_path / "resumed", tiny_encoder, batch_size=2, chunk_size=3, engine=_full_decode()
     )
     # chunk 0 (3 items) and the part saved when the run was cancelled (2 more)
     assert resumed.meta["run"]["resumed_items"] == 5 and resumed.meta["run"]["engine"] == "local"
