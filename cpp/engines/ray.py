@@ -96,11 +96,15 @@ class UnitEmbedder:
         """Decode the unit's items, split over the actor's threads (PIL releases the GIL while decoding)."""
         size = len(items)
         if self.pool is None or size < 2:
-            return decode_unit(items, 0, self.encoder.preprocess, self.max_pixels)
+            return decode_unit(
+                items, 0, self.encoder.preprocess, self.max_pixels, self.encoder.geometry, True
+            )
         bounds = np.linspace(0, size, min(self.threads, size) + 1).astype(int).tolist()
         parts = list(
             self.pool.map(
-                lambda a, b: decode_unit(items[a:b], a, self.encoder.preprocess, self.max_pixels),
+                lambda a, b: decode_unit(  # the local engine's decode: windowed resize, JPEG draft
+                    items[a:b], a, self.encoder.preprocess, self.max_pixels, self.encoder.geometry, True
+                ),
                 bounds[:-1],
                 bounds[1:],
             )
