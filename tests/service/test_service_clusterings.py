@@ -197,15 +197,16 @@ def test_assignment_flow_on_a_real_server(
         assert summary["members"] == summary["embedded"] == IMAGES and summary["novel"] == 0
         assert http.get(job["links"]["summary"], headers=B).status_code == 404
 
-        # An upload of new images, one of them not an image: skipped with the reason.
-        files = [
+        # An upload with a file that is not an image is refused at once, naming it (as job uploads are).
+        good = [
             ("files", ("red.png", _png((220, 20, 20)), "image/png")),
             ("files", ("sky.png", _png((90, 150, 230)), "image/png")),
-            ("files", ("broken.jpg", b"not a jpeg", "image/jpeg")),
         ]
-        response = http.post(
-            f"{base}/upload", files=files, data={"options": '{"novelty_quantile": 0.2}'}, headers=A
-        )
+        options = {"options": '{"novelty_quantile": 0.2}'}
+        bad = [*good, ("files", ("broken.jpg", b"not a jpeg", "image/jpeg"))]
+        refused = http.post(f"{base}/upload", files=bad, data=options, headers=A)
+        assert refused.status_code == 422 and "broken.jpg" in refused.json()["detail"], refused.text
+        response = http.post(f"{base}/upload", files=good, data=options, headers=A)
         assert response.status_code == 202, response.text
         job = _wait(http, response.json()["links"]["self"], "succeeded")
         new = [json.loads(line) for line in http.get(job["links"]["results"], headers=A).text.splitlines()]
@@ -214,9 +215,7 @@ def test_assignment_flow_on_a_real_server(
             isinstance(line["novel"], bool) for line in new
         )
         summary = http.get(job["links"]["summary"], headers=A).json()
-        assert [s["key"] for s in summary["skipped"]] == ["broken.jpg"] and summary["novelty"][
-            "quantile"
-        ] == 0.2
+        assert summary["skipped"] == [] and summary["novelty"]["quantile"] == 0.2
 
         # Cancelling a queued or running assignment.
         queued = http.post(base, json={"source": source, "options": {"batch_size": 1}}, headers=A).json()
