@@ -19,6 +19,9 @@ The work directory holds, like a ``cpp cluster`` run::
     assignments.idx.npy  byte offset of every line, for paging (:func:`read_results`)
     summary.json         :class:`AssignSummary`: images per cluster, novel share, drift of the confidences
 
+:func:`update` (``cpp assign --update``) then adds the assigned images to the clustering as members of a
+new revision without refitting (novel ones to its novel pool); see :meth:`cpp.clustering.Clustering.grow`.
+
 Memory is one chunk of new images plus what the clustering needs for its context neighbours (the members'
 reference rows, as when it was fitted) and O(members) labels; an interrupted run resumes its embedding.
 """
@@ -39,7 +42,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from cpp import clustering as clusterings
-from cpp.clustering import OUTLIER, Clustering, ClusteringError
+from cpp import curation
+from cpp.clustering import OUTLIER, Clustering, ClusteringError, MemberStore
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
 from cpp.engines import EmbedEngine
@@ -50,7 +54,7 @@ from cpp.logging import get_logger
 from cpp.options import AssignOptions, SourceSpec
 from cpp.progress import RunControl
 from cpp.readout import subspace_scores
-from cpp.result import SkippedFile
+from cpp.result import Assignment, Cluster, Edit, SkippedFile
 from cpp.sources import Roots, resolved_spec
 from cpp.store import FeatureStore, StoreError
 
@@ -218,7 +222,8 @@ class Assigner:
         self.revision = state.revision
         self.names = [cluster.name for cluster in state.clusters]
         self.labels = found.labels()
-        self.mapping = revision_map(readout.labels, self.labels, len(readout.bases), len(self.names))
+        fitted_labels = self.labels[: len(readout.labels)]  # added members have no revision-0 cluster
+        self.mapping = revision_map(readout.labels, fitted_labels, len(readout.bases), len(self.names))
         if not (self.mapping >= 0).any():
             raise AssignError(f"the newest revision of {found.path} has no cluster left to assign to")
         self.novelty_model = found.novelty_model()
@@ -226,7 +231,7 @@ class Assigner:
         self.novelty = self.novelty_model.calibration(quantile)
         kept = self.labels >= 0
         self.member_confidence = _group_means(
-            self.labels[kept], readout.confidence[kept].astype(np.float64), len(self.names)
+            self.labels[kept], found.member_confidence()[kept].astype(np.float64), len(self.names)
         )
         self.member_sizes = np.bincount(self.labels[kept], minlength=len(self.names))
 
@@ -274,9 +279,9 @@ class Assigner:
         return _Scored(cluster, confidence, score, member, novel, scores.max(1))
 
 
-def _members_store(found: Clustering) -> FeatureStore:
+def _members_store(found: Clustering) -> MemberStore:
     try:
-        return FeatureStore.open(found.path / found.manifest.features)
+        return found.member_store()
     except StoreError as exc:
         raise ClusteringError(
             f"the feature store of the clustering {found.path} is not usable: {exc}"
@@ -480,3 +485,127 @@ def iter_results(work_dir: str | Path) -> Iterator[NewImage]:
     with (Path(work_dir) / RESULTS_FILE).open("rb") as handle:
         for line in handle:
             yield NewImage.model_validate(json.loads(line))
+
+
+class UpdateOutcome(BaseModel):
+    """What :func:`update` added to a clustering."""
+
+    revision: int | None = Field(description="The revision made (None: nothing was new).")
+    added: int = Field(description="Images added as members.")
+    filed: int = Field(description="Of those, images filed under a cluster.")
+    novel: int = Field(description="Of those, images kept in the novel pool (in no cluster).")
+    already_members: int = Field(description="Images skipped: the clustering already holds them.")
+
+
+def update(clustering: Clustering | str | Path, work_dir: str | Path) -> UpdateOutcome:
+    """Add the images of the :func:`assign` run in ``work_dir`` to ``clustering`` as a new revision, without
+    refitting: each joins the cluster it was assigned to (sizes and representatives recounted), or the novel
+    pool (:meth:`~cpp.clustering.Clustering.novel_pool`, outside every cluster) when it was novel; its
+    features are copied into the clustering (``additions/<n>/``). The revision's edit is
+    ``update`` with ``kind: assign-update`` and the counts.
+
+    Images the clustering already holds are skipped: those the assignment found to be members (same
+    features) and those whose key an earlier update added from the same source, so repeating an update adds
+    nothing (and makes no revision). :class:`AssignError` when the clustering changed since the assignment
+    (assign again) or the assignment was made for another clustering.
+    """
+    work_dir = Path(work_dir)
+    summary = load_summary(work_dir)
+    found = clustering if isinstance(clustering, Clustering) else clusterings.open(clustering)
+    if summary.clustering.get("id") != found.id:
+        raise AssignError(
+            f"the assignment in {work_dir} was made for clustering {summary.clustering.get('id')}, "
+            f"not {found.id}"
+        )
+    with curation.edit_lock(found):
+        found = clusterings.open(found.path)  # the manifest as it is now, under the lock
+        found.discard_uncommitted()
+        if found.revision != summary.clustering.get("revision"):
+            raise AssignError(
+                f"the clustering {found.path} is at revision {found.revision}, the assignment in {work_dir} "
+                f"was made against revision {summary.clustering.get('revision')}: assign again to update"
+            )
+        mem = curation.members(found)
+        added_keys = {
+            key
+            for addition in found.manifest.additions
+            if addition.source == summary.source
+            for key in mem.keys[addition.start : addition.start + addition.rows]
+        }
+        records = list(iter_results(work_dir))
+        fresh = [i for i, r in enumerate(records) if not r.member and r.key not in added_keys]
+        skipped = len(records) - len(fresh)
+        if not fresh:
+            return UpdateOutcome(revision=None, added=0, filed=0, novel=0, already_members=skipped)
+        chosen = [records[i] for i in fresh]
+        labels = np.array([OUTLIER if r.novel else r.cluster for r in chosen], dtype=np.int64)
+        confidence = np.array([r.confidence for r in chosen], dtype=np.float32)
+        clusters = _grown_clusters(found, mem, chosen, labels)
+        novel = int((labels == OUTLIER).sum())
+        start = found.manifest.members
+        edit_args = {
+            "kind": "assign-update",
+            "assignment": str(work_dir.resolve()),
+            "source": summary.source,
+            "added": len(chosen),
+            "filed": len(chosen) - novel,
+            "novel": novel,
+            "already_members": skipped,
+            "rows": [start, start + len(chosen)],
+        }
+        number = found.grow(
+            work_dir / FEATURES_DIR,
+            store_rows=np.asarray(fresh, dtype=np.int64),
+            labels=labels,
+            confidence=confidence,
+            novel=labels == OUTLIER,
+            assignments=[
+                Assignment(
+                    key=r.key,
+                    path=r.path,
+                    cluster=int(label),
+                    confidence=r.confidence,
+                    true_label=r.true_label,
+                )
+                for r, label in zip(chosen, labels.tolist(), strict=True)
+            ],
+            clusters=clusters,
+            edit=Edit(op="update", args=edit_args),
+            source=summary.source,
+        )
+    log.info("added %d images to %s as revision %d (%d novel)", len(chosen), found.path, number, novel)
+    return UpdateOutcome(
+        revision=number, added=len(chosen), filed=len(chosen) - novel, novel=novel, already_members=skipped
+    )
+
+
+def _grown_clusters(
+    found: Clustering, mem: curation.Members, chosen: list[NewImage], labels: np.ndarray
+) -> list[Cluster]:
+    """The newest revision's clusters with the new images counted in: sizes, and representatives re-chosen
+    among the current ones and the new images by confidence (as many as before, at least
+    :data:`cpp.curation.REPRESENTATIVES`)."""
+    clusters = [c.model_copy(deep=True) for c in found.state().clusters]
+    current = found.labels()
+    kept = current[current >= 0]
+    sizes = np.bincount(kept, minlength=len(clusters)) + np.bincount(
+        labels[labels >= 0], minlength=len(clusters)
+    )
+    candidates: dict[int, list[tuple[float, str]]] = {}
+    for record, label in zip(chosen, labels.tolist(), strict=True):
+        if label >= 0:
+            candidates.setdefault(label, []).append((record.confidence, record.path or record.key))
+    for cluster in clusters:
+        cluster.size = int(sizes[cluster.id])
+        new = candidates.get(cluster.id)
+        if not new:
+            continue
+        old = [
+            (float(mem.confidence[row]), shown)
+            for shown in cluster.representatives
+            if (row := mem.row_of(shown)) is not None
+        ]
+        want = max(curation.REPRESENTATIVES, len(cluster.representatives))
+        ranked = sorted(old + new, key=lambda pair: -pair[0])  # stable: current ones first on ties
+        cluster.representatives = [shown for _, shown in ranked[:want]]
+    return clusters

@@ -5,7 +5,8 @@ A clustering is the work directory of a run (``cpp cluster``'s ``--work-dir``, o
     clustering.json          Manifest: schema version, id, the encoder (spec and description, which includes
                              its preprocessing), the options, the source, the space the readout lives in
                              ("head" or "raw"), the novelty calibration, and the file names below
-    features/                the feature store it was fitted on (cpp.store)
+    features/                the feature store it was fitted on (cpp.store): member rows 0..F-1
+                             (with ``cpp fit``: a symbolic link to the store it was given, not a copy)
     head/                    the fitted head (absent when the collection was clustered without one)
     readout.npz              the readout of revision 0: per cluster ``centers`` (K, d) and subspace ``bases``
                              (K, d, r); per member ``labels``, ``confidence`` (score margin) and ``fit``
@@ -17,17 +18,30 @@ A clustering is the work directory of a run (``cpp cluster``'s ``--work-dir``, o
     revisions/<n>.labels.npy revision n's cluster of every member (store row order; -1 = marked outlier)
     result.json              the result of the newest revision (``revision`` and ``edits`` included)
     assignments.jsonl        per-image assignments of the newest revision, when there are too many to inline
+    additions/<n>/features/  the feature store of the n-th batch of images added without refitting
+                             (``cpp assign --update``, :meth:`Clustering.grow`); of its rows, those listed
+                             in ``members.npz`` are members
+    additions/<n>/members.npz  per added member: ``store_rows`` (its row in that store), ``confidence``
+                             (score margin when assigned) and ``novel`` (it fitted no cluster)
 
 Revisions are append-only: an edit writes revision n + 1 (labels first, then its JSON, which commits it)
 and rewrites the result; restoring revision m writes a new revision with m's state. The newest revision is
 the highest-numbered JSON file. Readers never see a half-written revision: files appear by atomic rename.
+
+Members are addressed by row: the fitted store's rows first, then each addition's members in order (the
+manifest's ``additions`` says where each batch starts; ``members`` counts them all). The member set only
+grows: an addition's files and the grown manifest are written before the revision that files its images,
+and a revision's labels shorter than ``members`` (an older revision, or one read between those writes)
+leave the later members as outliers. Clusterings without ``additions`` (older ones) open as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -50,6 +64,8 @@ ASSIGNMENTS_INDEX = "assignments.idx.npy"
 FEATURES_DIR = "features"
 HEAD_DIR = "head"
 NOVELTY_FILE = "novelty.npz"
+ADDITIONS_DIR = "additions"
+ADDED_MEMBERS_FILE = "members.npz"
 #: Members the novelty model is fitted on, at most (a seeded random sample of larger clusterings).
 NOVELTY_SAMPLE = 50_000
 #: Shrinkage of the novelty model's shared covariance towards a multiple of the identity (share of its
@@ -81,6 +97,21 @@ class Novelty(BaseModel):
     threshold: float
 
 
+class Addition(BaseModel):
+    """One batch of images added to the clustering without refitting (``additions/<number>/``)."""
+
+    number: int = Field(ge=1)
+    revision: int = Field(description="The revision that filed these images under the clusters.")
+    start: int = Field(description="Member row of the batch's first image.")
+    rows: int = Field(description="Images the batch added.")
+    source: dict[str, Any] = Field(default_factory=dict, description="Where the images came from.")
+    created_at: str
+
+    @property
+    def directory(self) -> str:
+        return f"{ADDITIONS_DIR}/{self.number}"
+
+
 class Manifest(BaseModel):
     """``clustering.json``: what a clustering is made of, enough to reuse it on new images."""
 
@@ -98,7 +129,15 @@ class Manifest(BaseModel):
     head: str | None = HEAD_DIR
     readout: str = READOUT_FILE
     novelty: Novelty
-    members: int = Field(description="Rows of the feature store the clustering covers.")
+    members: int = Field(description="Member rows: the fitted feature store's, then the additions'.")
+    additions: list[Addition] = Field(
+        default_factory=list, description="Batches of images added since the fit, oldest first."
+    )
+
+    @property
+    def fitted_members(self) -> int:
+        """Rows of the feature store the clustering was fitted on."""
+        return self.members - sum(addition.rows for addition in self.additions)
 
 
 class Revision(BaseModel):
@@ -220,6 +259,57 @@ def _gaussian(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np
     whitened = means @ whitening
     whitened[counts == 0] = np.nan
     return whitened, whitening
+
+
+class MemberStore:
+    """The features of every member row, read-only: the fitted store's rows, then each addition's members
+    (the part of :class:`~cpp.store.FeatureStore`'s interface that readers of members use)."""
+
+    def __init__(self, fitted: FeatureStore, added: Sequence[tuple[FeatureStore, np.ndarray]] = ()) -> None:
+        self.fitted = fitted
+        self.meta = fitted.meta
+        self.dim = fitted.dim
+        self._added = list(added)
+        self._bounds = np.cumsum([0, len(fitted), *(len(rows) for _, rows in self._added)])
+
+    def __len__(self) -> int:
+        return int(self._bounds[-1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 features of member ``rows`` (any order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row indices must be in 0..{len(self) - 1}")
+        if not self._added:
+            return self.fitted.take(rows)
+        which = np.searchsorted(self._bounds, rows, side="right") - 1
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for part in np.unique(which).tolist():
+            selected = np.flatnonzero(which == part)
+            local = rows[selected] - self._bounds[part]
+            if part == 0:
+                out[selected] = self.fitted.take(local)
+            else:
+                store, store_rows = self._added[part - 1]
+                out[selected] = store.take(store_rows[local])
+        return out
+
+    def iter_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first_row, float32 block)`` in row order; one chunk in memory at a time."""
+        yield from self.fitted.iter_blocks()
+        for part, (store, store_rows) in enumerate(self._added, start=1):
+            for begin in range(0, len(store_rows), 4096):
+                yield int(self._bounds[part]) + begin, store.take(store_rows[begin : begin + 4096])
+
+    def features(self, dtype: np.dtype[Any] | type = np.float32) -> np.ndarray:
+        """All member features as one ``(len(self), dim)`` array of ``dtype``."""
+        if not self._added:
+            return self.fitted.features(dtype)
+        return np.concatenate([block.astype(dtype) for _, block in self.iter_blocks()], axis=0)
+
+    def matrix(self) -> FeatureStore | np.ndarray:
+        """What :func:`cpp.features.as_matrix` takes: the fitted store itself while nothing was added."""
+        return self.fitted if not self._added else self.features()
 
 
 def write_assignments(work_dir: Path, assignments: Iterator[dict[str, Any]], n: int) -> None:
@@ -381,9 +471,14 @@ class Clustering:
         return Revision.model_validate_json(path.read_text(encoding="utf-8"))
 
     def labels(self, revision: int | None = None) -> np.ndarray:
-        """Every member's cluster in ``revision`` (store row order; :data:`OUTLIER` for outliers)."""
+        """Every member's cluster in ``revision`` (member row order; :data:`OUTLIER` for outliers, and for
+        members added after ``revision``)."""
         number = self.revision if revision is None else revision
-        return np.load(self.path / REVISIONS_DIR / f"{number}.labels.npy")
+        labels = np.load(self.path / REVISIONS_DIR / f"{number}.labels.npy")
+        missing = self.manifest.members - len(labels)
+        if missing > 0:
+            labels = np.concatenate([labels, np.full(missing, OUTLIER, dtype=labels.dtype)])
+        return labels
 
     def edits(self) -> list[Edit]:
         """The edit log: what made every revision after 0, oldest first."""
@@ -413,17 +508,132 @@ class Clustering:
             model.save(path)
         return model
 
+    def member_store(self) -> MemberStore:
+        """The features of every member (:class:`MemberStore`)."""
+        fitted = FeatureStore.open(self.path / self.manifest.features)
+        added = []
+        for addition in self.manifest.additions:
+            directory = self.path / addition.directory
+            with np.load(directory / ADDED_MEMBERS_FILE) as data:
+                added.append((FeatureStore.open(directory / FEATURES_DIR), data["store_rows"]))
+        return MemberStore(fitted, added)
+
+    def _added(self, name: str) -> list[np.ndarray]:
+        arrays = []
+        for addition in self.manifest.additions:
+            with np.load(self.path / addition.directory / ADDED_MEMBERS_FILE) as data:
+                arrays.append(data[name])
+        return arrays
+
+    def member_confidence(self) -> np.ndarray:
+        """Every member's confidence: the readout's for fitted members, the assignment's for added ones."""
+        return np.concatenate([self.readout().confidence, *self._added("confidence")]).astype(np.float32)
+
+    def member_fit(self) -> np.ndarray:
+        """Every member's energy in its own cluster's subspace as fitted (NaN for added members)."""
+        added = [np.full(a.rows, np.nan, dtype=np.float32) for a in self.manifest.additions]
+        return np.concatenate([self.readout().fit.astype(np.float32), *added])
+
+    def novel_pool(self, revision: int | None = None) -> np.ndarray:
+        """Rows of the added images that fitted no cluster and are in none in ``revision`` (default: the
+        newest): the pool of novel images, left out of every cluster."""
+        flags = np.zeros(self.manifest.members, dtype=bool)
+        for addition, novel in zip(self.manifest.additions, self._added("novel"), strict=True):
+            flags[addition.start : addition.start + addition.rows] = novel
+        return np.flatnonzero(flags & (self.labels(revision) == OUTLIER))
+
+    def grow(
+        self,
+        features: Path,
+        store_rows: np.ndarray,
+        labels: np.ndarray,
+        confidence: np.ndarray,
+        novel: np.ndarray,
+        assignments: Sequence[Assignment],
+        clusters: Sequence[Cluster],
+        edit: Edit,
+        source: dict[str, Any],
+    ) -> int:
+        """Add rows ``store_rows`` of the feature store at ``features`` as members (copied into
+        ``additions/<n>/``) with the newest revision's ``labels`` (:data:`OUTLIER` for the novel ones),
+        their ``confidence``, ``novel`` flags and ``assignments``, and commit the next revision with the
+        ``clusters`` (sizes and representatives recounted by the caller); returns its number.
+
+        The caller holds the edit lock. A batch left by an update that stopped before its revision is
+        removed first.
+        """
+        self.discard_uncommitted()
+        count = len(store_rows)
+        if not (len(labels) == len(confidence) == len(novel) == len(assignments) == count) or not count:
+            raise ClusteringError("an addition needs the same positive number of rows, labels and flags")
+        number = len(self.manifest.additions) + 1
+        addition = Addition(
+            number=number,
+            revision=self.revision + 1,
+            start=self.manifest.members,
+            rows=count,
+            source=source,
+            created_at=_now(),
+        )
+        target = self.path / addition.directory
+        partial = target.with_name(f".{number}.partial")
+        for stale in (partial, target):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir(parents=True)
+        shutil.copytree(features, partial / FEATURES_DIR)
+        np.savez(
+            partial / ADDED_MEMBERS_FILE,
+            store_rows=np.asarray(store_rows, dtype=np.int64),
+            confidence=np.asarray(confidence, dtype=np.float32),
+            novel=np.asarray(novel, dtype=bool),
+        )
+        os.replace(partial, target)
+        old_labels = self.labels()
+        grown = self.manifest.model_copy(
+            update={
+                "members": self.manifest.members + count,
+                "additions": [*self.manifest.additions, addition],
+            }
+        )
+        _atomic_write_text(self.path / MANIFEST_FILE, grown.model_dump_json(indent=1))
+        self.manifest = grown
+        all_labels = np.concatenate([old_labels, np.asarray(labels, dtype=np.int64)])
+        return self.commit(all_labels, clusters, edit, appended=assignments)
+
+    def discard_uncommitted(self) -> None:
+        """Drop additions whose revision was never committed (an update that stopped half-way); the caller
+        holds the edit lock."""
+        newest = self.revision
+        kept = [a for a in self.manifest.additions if a.revision <= newest]
+        if len(kept) == len(self.manifest.additions):
+            return
+        dropped = self.manifest.additions[len(kept) :]
+        members = self.manifest.members - sum(a.rows for a in dropped)
+        manifest = self.manifest.model_copy(update={"members": members, "additions": kept})
+        _atomic_write_text(self.path / MANIFEST_FILE, manifest.model_dump_json(indent=1))
+        self.manifest = manifest
+        for addition in dropped:
+            shutil.rmtree(self.path / addition.directory, ignore_errors=True)
+
     def readout(self) -> ReadoutModel:
         """Centres, bases and the members' revision-0 labels, confidences and fits."""
         with np.load(self.path / self.manifest.readout) as data:
             return ReadoutModel(**{name: data[name] for name in ReadoutModel.model_fields})
 
-    def commit(self, labels: np.ndarray, clusters: Sequence[Cluster], edit: Edit) -> int:
+    def commit(
+        self,
+        labels: np.ndarray,
+        clusters: Sequence[Cluster],
+        edit: Edit,
+        *,
+        appended: Sequence[Assignment] = (),
+    ) -> int:
         """Write the next revision (members' ``labels``, the ``clusters``, the ``edit`` that made them) and
         rewrite the result to it; returns the new revision number.
 
         ``clusters`` are the new revision's clusters with ids 0..K-1; ``labels`` must use those ids (or
-        :data:`OUTLIER`) for every member.
+        :data:`OUTLIER`) for every member. ``appended`` are the assignments of members the result does not
+        list yet (the last rows, just added by :meth:`grow`).
         """
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (self.manifest.members,):
@@ -443,7 +653,7 @@ class Clustering:
             revision=number, parent=parent, created_at=_now(), edit=edit, clusters=list(clusters)
         )
         _atomic_write_text(revisions / f"{number}.json", state.model_dump_json(indent=1))
-        self._rewrite_result(labels, list(clusters))
+        self._rewrite_result(labels, list(clusters), appended)
         return number
 
     def restore(self, revision: int) -> int:
@@ -453,13 +663,17 @@ class Clustering:
             self.labels(revision), old.clusters, Edit(op="restore", args={"revision": revision})
         )
 
-    def _rewrite_result(self, labels: np.ndarray, clusters: list[Cluster]) -> None:
-        """The result of the newest revision: its clusters, the edits, and every assignment's cluster."""
+    def _rewrite_result(
+        self, labels: np.ndarray, clusters: list[Cluster], appended: Sequence[Assignment]
+    ) -> None:
+        """The result of the newest revision: its clusters, the edits, and every assignment's cluster
+        (``appended`` ones after those the result lists)."""
         result = self.result()
         cluster_of = labels.tolist()
 
         def revised() -> Iterator[dict[str, Any]]:
-            for i, assignment in enumerate(_iter_assignments(self.path, result)):
+            every = itertools.chain(_iter_assignments(self.path, result), appended)
+            for i, assignment in enumerate(every):
                 yield assignment.model_copy(update={"cluster": cluster_of[i]}).model_dump()
 
         updated = {"clusters": clusters, "revision": self.revision, "edits": self.edits()}

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cpp.clustering import ASSIGNMENTS_FILE, OUTLIER, Clustering
+from cpp.clustering import ASSIGNMENTS_FILE, OUTLIER, Clustering, MemberStore
 from cpp.errors import CppError
 from cpp.result import Cluster, Edit, NameScore
 
@@ -84,20 +84,18 @@ class Members:
         return array
 
 
-_members_cache: OrderedDict[tuple[str, str], Members] = OrderedDict()
+_members_cache: OrderedDict[tuple[str, str, int], Members] = OrderedDict()
 _members_lock = threading.Lock()
 
 
-def open_store(cl: Clustering) -> Any:
-    """The clustering's feature store (:class:`cpp.store.FeatureStore`)."""
-    from cpp.store import FeatureStore
-
-    return FeatureStore.open(cl.path / cl.manifest.features)
+def open_store(cl: Clustering) -> MemberStore:
+    """The features of the clustering's members (the fitted store's rows, then added ones)."""
+    return cl.member_store()
 
 
 def members(cl: Clustering) -> Members:
     """The :class:`Members` of ``cl``, read once per process (a few recent clusterings are kept)."""
-    cache_key = (str(cl.path.resolve()), cl.id)
+    cache_key = (str(cl.path.resolve()), cl.id, cl.manifest.members)  # members only grow
     with _members_lock:
         found = _members_cache.get(cache_key)
         if found is not None:
@@ -114,8 +112,7 @@ def members(cl: Clustering) -> Members:
         records = json.loads("[" + text.rstrip("\n").replace("\n", ",") + "]")
         keys = [record["key"] for record in records]
         paths = [record.get("path") for record in records]
-    readout = cl.readout()
-    found = Members(keys, paths, readout.confidence.astype(np.float32), readout.fit.astype(np.float32))
+    found = Members(keys, paths, cl.member_confidence(), cl.member_fit())
     with _members_lock:
         _members_cache[cache_key] = found
         while len(_members_cache) > _CACHE_SIZE:
@@ -124,7 +121,7 @@ def members(cl: Clustering) -> Members:
 
 
 @contextmanager
-def _locked(cl: Clustering) -> Iterator[None]:
+def edit_lock(cl: Clustering) -> Iterator[None]:
     """Hold the clustering's edit lock (other processes and threads wait)."""
     fd = os.open(cl.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -236,7 +233,7 @@ def rename(cl: Clustering, cluster: int, name: str, *, expected: int | None = No
     """Name ``cluster`` ``name``: free text, or one of its alternatives (which then takes that name's score,
     and the old name becomes an alternative)."""
     text = clean_name(name)
-    with _locked(cl):
+    with edit_lock(cl):
         draft = _begin(cl, expected)
         target = draft.clusters[_check_cluster(draft, cluster)]
         chosen = next((a for a in target.alternatives if a.name == text), None)
@@ -259,7 +256,7 @@ def merge(
         raise CurationError("merge needs at least two different clusters")
     text = clean_name(name) if name is not None else None
     mem = members(cl)
-    with _locked(cl):
+    with edit_lock(cl):
         draft = _begin(cl, expected)
         for c in ids:
             _check_cluster(draft, c)
@@ -291,7 +288,7 @@ def move(cl: Clustering, rows: Sequence[int], to: int, *, expected: int | None =
     """Move the images ``rows`` (store row indices; outliers too) to cluster ``to``."""
     mem = members(cl)
     selected = mem.check_rows(rows)
-    with _locked(cl):
+    with edit_lock(cl):
         draft = _begin(cl, expected)
         _check_cluster(draft, to, "target cluster")
         touched = {int(c) for c in np.unique(draft.labels[selected]) if c >= 0} | {to}
@@ -305,7 +302,7 @@ def mark_outliers(cl: Clustering, rows: Sequence[int], *, expected: int | None =
     """Take the images ``rows`` out of their clusters (label :data:`~cpp.clustering.OUTLIER`)."""
     mem = members(cl)
     selected = mem.check_rows(rows)
-    with _locked(cl):
+    with edit_lock(cl):
         draft = _begin(cl, expected)
         touched = {int(c) for c in np.unique(draft.labels[selected]) if c >= 0}
         draft.labels[selected] = OUTLIER
@@ -322,7 +319,7 @@ def mark_outliers(cl: Clustering, rows: Sequence[int], *, expected: int | None =
 
 def restore(cl: Clustering, revision: int, *, expected: int | None = None) -> Outcome:
     """A new revision with the state of ``revision``."""
-    with _locked(cl):
+    with edit_lock(cl):
         current = cl.revision
         if expected is not None and expected != current:
             raise RevisionConflict(
@@ -346,7 +343,7 @@ def _member_space(cl: Clustering, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
         from cpp.head_model import FittedHead
 
         fitted = FittedHead.load(head_dir, device="cpu")
-        z, c = fitted.encode(rows, x, fitted.context(store))
+        z, c = fitted.encode(rows, x, fitted.context(store.matrix()))
         return normalize_rows(z), c
     unit = normalize_rows(x)
     return unit, unit
@@ -355,14 +352,12 @@ def _member_space(cl: Clustering, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
 def split_labels(z: np.ndarray, codes: np.ndarray, parts: int, *, seed: int = 0) -> np.ndarray:
     """Labels 0..parts-1 of the rows (largest part first): the readout's spectral clustering of the codes,
     or spherical k-means of ``z`` for few rows."""
-    from cpp.knn import normalize_rows
-    from cpp.readout import kmeans, spectral_embedding
+    from cpp.readout import kmeans, spectral_embedding, spectral_labels
 
     if len(z) < max(SPECTRAL_MIN, 3 * parts):
         labels = kmeans(z, parts, seed=seed)
     else:
-        embedding = spectral_embedding(codes, parts)
-        labels = kmeans(normalize_rows(embedding[:, :parts]), parts, seed=seed, spherical=False, redo=10)
+        labels = spectral_labels(spectral_embedding(codes, parts), parts, seed)
     counts = np.bincount(labels, minlength=parts)
     order = np.argsort(-counts, kind="stable")
     order = order[counts[order] > 0]
@@ -379,7 +374,7 @@ def split(cl: Clustering, cluster: int, parts: int, *, seed: int = 0, expected: 
     if not isinstance(parts, int) or not 2 <= parts <= MAX_SPLIT:
         raise CurationError(f"parts must be a whole number in 2..{MAX_SPLIT}, got {parts!r}")
     mem = members(cl)
-    with _locked(cl):
+    with edit_lock(cl):
         draft = _begin(cl, expected)
         source = draft.clusters[_check_cluster(draft, cluster)]
         rows = np.flatnonzero(draft.labels == cluster)

@@ -1,5 +1,6 @@
 """Assigning new images to a clustering (cpp.assign, `cpp assign`): its own images keep their clusters, edits
-are followed, other encoders and unusable sources are refused, a killed run resumes to the same output."""
+are followed, other encoders and unusable sources are refused, a killed run resumes to the same output;
+`--update` adds the images as a revision once."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 from PIL import Image
 
 from cpp import assign as assign_module
-from cpp import clustering
-from cpp.assign import AssignError, assign, iter_results, load_summary, read_results
+from cpp import clustering, curation, gallery
+from cpp.assign import AssignError, assign, iter_results, load_summary, read_results, update
 from cpp.cli import main
 from cpp.encoders import Encoder, create_encoder
 from cpp.options import AssignOptions, ClusterOptions, SourceSpec
@@ -280,3 +281,106 @@ def test_cli_writes_the_lines_and_the_summary(
     assert "already members" in capsys.readouterr().out
     assert main(["assign", str(tmp_path / "missing"), str(images), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_update_adds_the_images_as_a_revision_with_a_novel_pool(work: Path, encoder: Encoder) -> None:
+    """``update`` files the assigned images under their clusters (sizes grow by the filed count), keeps the
+    novel ones in the pool, stores their features, rewrites the result; a reopened clustering shows it all."""
+    before = clustering.open(work)
+    fitted_members, old_sizes = before.manifest.members, [c.size for c in before.state().clusters]
+    old_labels = before.labels()
+    fresh = _collection(work.parent / "fresh", 10, offset=500, mirror=True)
+    options = AssignOptions(novelty_quantile=0.5, device="cpu")  # about half of them novel: both paths run
+    assign(work, _folder(fresh), work.parent / "a", encoder=encoder, options=options)
+    records = list(iter_results(work.parent / "a"))
+    novel = [i for i, r in enumerate(records) if r.novel]
+    assert 0 < len(novel) < len(records) == 30 and not any(r.member for r in records)
+
+    outcome = update(work, work.parent / "a")
+    assert (outcome.revision, outcome.added, outcome.novel) == (1, 30, len(novel))
+    assert outcome.filed == 30 - len(novel) and outcome.already_members == 0
+
+    found = clustering.open(work)  # reopened: the grown manifest
+    assert found.manifest.members == fitted_members + 30 and found.manifest.fitted_members == fitted_members
+    filed = np.bincount([r.cluster for r in records if not r.novel], minlength=len(old_sizes))
+    assert [c.size for c in found.state().clusters] == (np.array(old_sizes) + filed).tolist()
+    assert found.novel_pool().tolist() == [fitted_members + i for i in novel]
+    labels = found.labels()
+    assert labels[:fitted_members].tolist() == old_labels.tolist()
+    assert labels[fitted_members:].tolist() == [-1 if r.novel else r.cluster for r in records]
+    edit = found.state().edit
+    assert edit is not None and edit.op == "update" and edit.args["kind"] == "assign-update"
+    assert edit.args["added"] == 30 and edit.args["novel"] == len(novel)
+    result = found.result()
+    assert result.revision == 1 and result.edits[-1].args["kind"] == "assign-update"
+    page, total = found.assignments(offset=fitted_members, limit=100)
+    assert total == fitted_members + 30 and [a.key for a in page] == [r.key for r in records]
+    assert [c.size for c in result.clusters] == [c.size for c in found.state().clusters]
+    store = found.member_store()
+    added = FeatureStore.open(work.parent / "a" / "features").features()
+    assert len(store) == found.manifest.members
+    np.testing.assert_array_equal(store.take(np.arange(fitted_members, fitted_members + 30)), added)
+    members = curation.members(found)
+    assert len(members) == found.manifest.members
+    for cluster in found.state().clusters:  # representatives are members of their cluster
+        rows = [members.row_of(shown) for shown in cluster.representatives]
+        assert rows and all(row is not None and labels[row] == cluster.id for row in rows)
+    assert gallery.projection(found).shape == (found.manifest.members, 2)
+    outliers = gallery.cluster_page(found, -1, limit=100)
+    assert {m["row"] for m in outliers["members"]} >= set(found.novel_pool().tolist())
+
+    restored = curation.restore(found, 0)  # before the update: the added images are in no cluster
+    assert clustering.open(work).labels(restored.revision)[fitted_members:].tolist() == [-1] * 30
+
+
+def test_repeating_an_update_adds_nothing(work: Path, encoder: Encoder) -> None:
+    """A second assignment of the same images finds them members and adds nothing; an update against a
+    revision that moved on is refused."""
+    fresh = _collection(work.parent / "fresh", 5, offset=700, mirror=True)
+    assign(work, _folder(fresh), work.parent / "a", encoder=encoder)
+    assert update(work, work.parent / "a").added == 15
+    with pytest.raises(AssignError, match="assign again"):
+        update(work, work.parent / "a")  # made against revision 0, the clustering is at 1
+    summary = assign(work, _folder(fresh), work.parent / "a", encoder=encoder)  # again: resumes the store
+    assert summary.members == 15
+    again = update(work, work.parent / "a")
+    assert again.revision is None and again.added == 0 and again.already_members == 15
+    found = clustering.open(work)
+    assert found.revision == 1 and len(found.manifest.additions) == 1
+    assert found.manifest.members == len(found.labels()) == found.manifest.fitted_members + 15
+
+
+def test_an_update_stopped_before_its_revision_is_rolled_back(
+    work: Path, encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fresh = _collection(work.parent / "fresh", 4, offset=800, mirror=True)
+    assign(work, _folder(fresh), work.parent / "a", encoder=encoder)
+
+    def dies(*args: object, **kwargs: object) -> int:
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(clustering.Clustering, "commit", dies)
+        with pytest.raises(_Killed):
+            update(work, work.parent / "a")
+    half = clustering.open(work)
+    assert half.revision == 0 and half.manifest.members == half.manifest.fitted_members + 12
+    assert (half.labels()[-12:] == -1).all()  # grown, but in no cluster until the revision exists
+    assert update(work, work.parent / "a").added == 12  # the stopped batch is dropped, then added again
+    found = clustering.open(work)
+    assert len(found.manifest.additions) == 1 and found.manifest.members == found.manifest.fitted_members + 12
+
+
+def test_cli_update_then_nothing_to_add(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fresh = _collection(tmp_path / "fresh", 3, offset=900, mirror=True)
+    command = [
+        "assign", str(work), str(fresh), "--out", str(tmp_path / "new.jsonl"), "--update",
+        "--work-dir", str(tmp_path / "w"), "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    assert main(command) == 0, capsys.readouterr().err
+    assert "added 9 images as revision 1" in capsys.readouterr().out
+    assert main(command) == 0, capsys.readouterr().err
+    assert "nothing to add" in capsys.readouterr().out
+    assert clustering.open(work).revision == 1

@@ -59,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_option(parser, AssignOptions, "device")
     add_source_arguments(parser)
     add_engine_arguments(parser)
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="then add the images to the clustering as a new revision without refitting: each joins its "
+        "cluster, novel ones a novel pool outside every cluster; images it already holds are skipped",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.work_dir, "--work-dir", directory=True)
     spec = source_from_args(args)
     from cpp import clustering
-    from cpp.assign import FEATURES_DIR, RESULTS_FILE, assign
+    from cpp.assign import FEATURES_DIR, RESULTS_FILE, assign, update
     from cpp.pipeline import runs_dir
     from cpp.sources import resolved_spec
 
@@ -137,4 +143,13 @@ def run(args: argparse.Namespace) -> int:
     if len(summary.skipped) > 20:
         print(f"... and {len(summary.skipped) - 20} more skipped (see --summary)")
     print(f"wrote {out} ({summary.embedded} lines)" + (f" and {summary_path}" if summary_path else ""))
+    if args.update:
+        outcome = update(found, work_dir)
+        if outcome.revision is None:
+            print(f"nothing to add: the clustering already holds all {outcome.already_members} images")
+        else:
+            print(
+                f"added {outcome.added} images as revision {outcome.revision}: {outcome.filed} filed under "
+                f"clusters, {outcome.novel} to the novel pool, {outcome.already_members} already members"
+            )
     return 0
