@@ -23,7 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from pydantic import ValidationError
+
 from cpp import clustering
+from cpp.assign import encoder_mismatch
 from cpp.build_result import FinishedRun, RowColumns, write_run
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
@@ -47,7 +50,7 @@ from cpp.readout import (
 )
 from cpp.result import Assignment, ClusterResult, PartitionChoice
 from cpp.sources import Roots, resolved_spec
-from cpp.store import LABEL_FIELDS, FeatureStore
+from cpp.store import LABEL_FIELDS, META_FILE, FeatureStore
 from cpp.train import fit_head
 from cpp.vocab import SIMPLE_TEMPLATES, Vocabulary, captions_vocabulary, resolve_vocabulary
 
@@ -71,7 +74,11 @@ class PipelineError(CppError):
     """The collection or the options cannot be clustered as asked."""
 
 
-def head_configs(n: int, options: ClusterOptions) -> tuple[HeadConfig, FitConfig]:
+#: A head's architecture and training settings.
+HeadSettings = tuple[HeadConfig, FitConfig]
+
+
+def head_configs(n: int, options: ClusterOptions) -> HeadSettings:
     """Head and training settings for ``n`` images: defaults, with context neighbours capped at ``n // 4``."""
     default = HeadConfig(type=options.head)
     head = default.model_copy(update={"context_k": min(default.context_k, n // 4)})
@@ -144,7 +151,7 @@ def _choose_partition(
     )
 
 
-def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: Path, roots: Roots) -> None:
+def check_vocabulary(encoder: Encoder, specs: Sequence[str], cache_dir: Path, roots: Roots = None) -> None:
     """Fail before embedding when a vocabulary file is missing or the encoder cannot embed the names."""
     fixed = [spec for spec in specs if spec != CAPTIONS]
     if CAPTIONS in specs:
@@ -155,7 +162,7 @@ def _check_vocabulary_early(encoder: Encoder, specs: Sequence[str], cache_dir: P
             embed_vocabulary(encoder, vocabulary, templates=SIMPLE_TEMPLATES, cache_dir=cache_dir)
 
 
-class _Stages:
+class Stages:
     """The one place a run's stages are timed; each stage reports its own progress through ``control``."""
 
     def __init__(self, control: RunControl) -> None:
@@ -232,10 +239,12 @@ class DirectClusterer:
 class HeadClusterer:
     """A trained (or reused) head, then its partition or the encoder features' (:func:`_choose_partition`)."""
 
-    def __init__(self, n: int, options: ClusterOptions, directory: Path) -> None:
+    def __init__(
+        self, n: int, options: ClusterOptions, directory: Path, configs: HeadSettings | None = None
+    ) -> None:
         self.options = options
         self.directory = directory
-        self.head_config, self.fit_config = head_configs(n, options)
+        self.head_config, self.fit_config = configs or head_configs(n, options)
         self.head_info = self.head_config.model_dump()
         self._fitted: FittedHead | None = None
 
@@ -266,9 +275,12 @@ class HeadClusterer:
         return str(self.fitted.device)
 
 
-def choose_clusterer(n: int, options: ClusterOptions, head_dir: Path) -> Clusterer:
-    """Direct clustering below :data:`SMALL_N` images, else a head saved in (or reused from) ``head_dir``."""
-    return DirectClusterer(options) if n < SMALL_N else HeadClusterer(n, options, head_dir)
+def choose_clusterer(
+    n: int, options: ClusterOptions, head_dir: Path, configs: HeadSettings | None = None
+) -> Clusterer:
+    """Direct clustering below :data:`SMALL_N` images, else a head saved in (or reused from) ``head_dir``
+    with ``configs`` (default: :func:`head_configs`)."""
+    return DirectClusterer(options) if n < SMALL_N else HeadClusterer(n, options, head_dir, configs)
 
 
 def _check_size(source: SourceSpec, store: FeatureStore, options: ClusterOptions) -> None:
@@ -329,14 +341,12 @@ def run_cluster(
     imply (default engine: local). With ``roots``, every file read (images, lists, annotations, vocabulary
     files) must resolve inside them (:mod:`cpp.sources`).
     """
-    # Over 60 lines on purpose: the stages read top to bottom in one place; the last 20 lines only name the
-    # result's inputs.
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(control or RunControl())
+    stages = Stages(control or RunControl())
     with stages.stage("embed") as run:
         encoder = encoder or create_encoder(options.model, device=options.device)
-        _check_vocabulary_early(encoder, options.vocabulary, work_dir / LABELS_DIR, roots)
+        check_vocabulary(encoder, options.vocabulary, work_dir / LABELS_DIR, roots)
         store = embed_source(
             source,
             work_dir / FEATURES_DIR,
@@ -346,11 +356,31 @@ def run_cluster(
             control=run,
             roots=roots,
         )
+    return cluster_store(store, source, options, work_dir, encoder=encoder, stages=stages, roots=roots)
+
+
+def cluster_store(
+    store: FeatureStore,
+    source: SourceSpec,
+    options: ClusterOptions,
+    work_dir: Path,
+    *,
+    encoder: Encoder,
+    stages: Stages,
+    roots: Roots = None,
+    configs: HeadSettings | None = None,
+) -> ClusterResult:
+    """The stages after embedding (fit, readout, name) on ``store``, the features of ``source`` by
+    ``encoder``; writes the clustering to ``work_dir`` and returns the result.
+
+    ``cpp cluster`` (:func:`run_cluster`) and ``cpp fit`` both end here; ``configs`` overrides the head
+    settings that :func:`head_configs` picks.
+    """
     _check_size(source, store, options)
     rows = RowColumns.read(store)
     captions = (caption for row_captions in rows.captions for caption in row_captions)
     vocabulary = resolve_vocabulary(options.vocabulary, captions=captions, roots=roots)
-    clusterer = choose_clusterer(len(store), options, work_dir / HEAD_DIR)
+    clusterer = choose_clusterer(len(store), options, work_dir / HEAD_DIR, configs)
     with stages.stage("fit") as run:
         clusterer.fit(store, run)
     with stages.stage("readout") as run:
@@ -388,6 +418,72 @@ def run_cluster(
             inline_max=INLINE_ASSIGNMENTS_MAX,
         )
     )
+
+
+def cluster_features(
+    features: str | Path,
+    options: ClusterOptions,
+    work_dir: str | Path,
+    *,
+    control: RunControl | None = None,
+    configs: HeadSettings | None = None,
+) -> ClusterResult:
+    """Cluster and name the feature store at ``features`` (written by ``cpp embed``): ``cpp fit``.
+
+    The stages of :func:`run_cluster` after embedding (:func:`cluster_store`), with the store's own encoder
+    (built from the spec it records; ``options.model`` is replaced by it) and source. The clustering in
+    ``work_dir`` refers to the store through a symbolic link ``work_dir/features`` (never a copy).
+    Progress stages: ``fit``, ``readout`` and ``name``.
+    """
+    store = FeatureStore.open(features)
+    source = _store_source(store)
+    options = options.model_copy(update={"model": store.encoder_id})
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stages = Stages(control or RunControl())
+    encoder = _store_encoder(store, options.device)
+    check_vocabulary(encoder, options.vocabulary, work_dir / LABELS_DIR)
+    _link_store(work_dir / FEATURES_DIR, store.path)
+    return cluster_store(store, source, options, work_dir, encoder=encoder, stages=stages, configs=configs)
+
+
+def _store_source(store: FeatureStore) -> SourceSpec:
+    try:
+        return SourceSpec.model_validate(store.source)
+    except ValidationError as exc:
+        raise PipelineError(
+            f"{store.path / META_FILE} records no image source ({exc.errors()[0]['msg']}): "
+            "cluster a store written by `cpp embed`"
+        ) from None
+
+
+def _store_encoder(store: FeatureStore, device: str) -> Encoder:
+    """The encoder that embedded ``store``, built here (naming embeds the vocabulary with it)."""
+    spec = store.encoder_id
+    try:
+        encoder = create_encoder(spec, device=device)
+    except CppError as exc:
+        raise PipelineError(f"the encoder of {store.path} ({spec!r}) cannot be built here: {exc}") from exc
+    mismatch = encoder_mismatch(store.encoder, encoder.describe())
+    if mismatch:
+        raise PipelineError(
+            f"the encoder {spec!r} here is not the one that embedded {store.path}: {mismatch}"
+        )
+    return encoder
+
+
+def _link_store(link: Path, store: Path) -> None:
+    """Make ``link`` a symbolic link to the store directory ``store`` (atomically; nothing to do when
+    ``link`` is that store); :class:`PipelineError` when ``link`` is another run's own store."""
+    target = store.resolve()
+    if link.exists() and link.resolve() == target:
+        return
+    if link.exists() and not link.is_symlink():
+        raise PipelineError(f"{link} holds the feature store of another run: choose another output directory")
+    partial = link.with_name(f".{link.name}.link.tmp")
+    partial.unlink(missing_ok=True)
+    partial.symlink_to(target, target_is_directory=True)
+    os.replace(partial, link)
 
 
 def load_result(work_dir: str | Path) -> ClusterResult:

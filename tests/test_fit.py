@@ -105,14 +105,81 @@ def test_transform_rejects_wrong_dimension() -> None:
         fitted.transform(np.ones((10, 7), dtype=np.float32))
 
 
-def test_cli_fit_writes_checkpoint_and_labels(tmp_path: Path) -> None:
+#: 7 subjects x 37 views = 259 images: above SMALL_N, so a head is trained.
+VIEWS = 37
+
+
+def test_cli_fit_writes_the_clustering_of_cpp_cluster(
+    tmp_path: Path, tiny_clip_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cpp fit`` on the store of a ``cpp cluster`` run: the same clusters, names and confidences, in a
+    clustering that opens, links the store, and that ``cpp export`` and ``cpp assign`` take."""
+    from cpp import clustering
+    from cpp.cli import main
+    from cpp.demo import make_demo_images
+    from cpp.options import ClusterOptions
+    from cpp.pipeline import SMALL_N, run_cluster
+
+    spec = make_demo_images(tmp_path / "images", views=VIEWS, seed=1)
+    options = ClusterOptions(model=tiny_clip_spec, vocabulary=["cifar10"], epochs=1, device="cpu")
+    cluster = run_cluster(spec, options, tmp_path / "cluster")
+    assert cluster.run.counts.embedded > SMALL_N and cluster.run.head["type"] == "crate"
+
+    store, out = tmp_path / "cluster" / "features", tmp_path / "fit"
+    argv = ["fit", str(store), "--out", str(out), "--vocabulary", "cifar10", "--epochs", "1"]
+    assert main([*argv, "--device", "cpu", "--quiet"]) == 0
+    assert f"clustering: {out}" in capsys.readouterr().out
+    fitted, made = clustering.open(out), clustering.open(tmp_path / "cluster")
+    assert (out / "features").is_symlink() and (out / "features").resolve() == store.resolve()
+    assert fitted.manifest.model == tiny_clip_spec and fitted.manifest.space == made.manifest.space
+    assert fitted.manifest.members == cluster.run.counts.embedded
+    np.testing.assert_array_equal(fitted.readout().labels, made.readout().labels)
+    result = fitted.result()
+    assert [(c.name, c.size) for c in result.clusters] == [(c.name, c.size) for c in cluster.clusters]
+    assert result.assignments is not None and cluster.assignments is not None
+    assert [(a.key, a.cluster, a.confidence, a.label) for a in result.assignments] == [
+        (a.key, a.cluster, a.confidence, a.label) for a in cluster.assignments
+    ]
+    assert result.run.work_dir == str(out.resolve()) and result.run.source == cluster.run.source
+    assert FittedHead.load(out / "head", device="cpu").head_config.context_k == 10
+
+    assert main(["export", str(out), "--format", "csv", "--out", str(tmp_path / "fit.csv")]) == 0
+    assert len((tmp_path / "fit.csv").read_text().splitlines()) == cluster.run.counts.embedded + 1
+    new = tmp_path / "new"
+    new.mkdir()
+    for image in sorted((tmp_path / "images").rglob("*_00.jpg")):
+        (new / image.name).write_bytes(image.read_bytes())
+    assigned = tmp_path / "new.jsonl"
+    assert main(["assign", str(out), str(new), "--out", str(assigned), "--device", "cpu", "--quiet"]) == 0
+    assert len(assigned.read_text().splitlines()) == 7
+
+
+def test_cli_fit_flags_set_the_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpp import pipeline
     from cpp.cli import main
 
-    x, _ = subspace_mixture(120, 20, 3, 2)
+    x, _ = subspace_mixture(300, 20, 3, 2)
     write_store(tmp_path / "store", x, chunk_size=200)
-    out = tmp_path / "run"
-    argv = ["fit", str(tmp_path / "store"), "--out", str(out), "--clusters", "3", "--epochs", "2"]
-    assert main([*argv, "--batch-size", "64", "--context-k", "2", "--device", "cpu", "--quiet"]) == 0
-    assert np.load(out / "labels.npy").shape == (120,)
-    assert FittedHead.load(out, device="cpu").head_config.context_k == 2
-    assert main(["fit", str(tmp_path / "missing"), "--out", str(out), "--quiet"]) == 2
+    seen: list[pipeline.HeadSettings] = []
+
+    def capture(features: Path, options: object, out: Path, *, configs: pipeline.HeadSettings) -> None:
+        seen.append(configs)
+        raise CppError("stop")
+
+    monkeypatch.setattr(pipeline, "cluster_features", capture)
+    argv = ["fit", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--epochs", "2", "--seed", "4"]
+    assert main([*argv, "--batch-size", "64", "--context-k", "2", "--view-k", "0"]) == 2
+    [(head, fit)] = seen
+    assert (head.context_k, fit.batch_size, fit.view_k, fit.epochs, fit.seed) == (2, 64, 0, 2, 4)
+
+
+def test_cli_fit_refuses_stores_it_cannot_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cpp.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["fit", str(tmp_path / "missing"), "--out", out, "--quiet"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    x, _ = subspace_mixture(120, 20, 3, 2)
+    write_store(tmp_path / "store", x, chunk_size=200)  # source {"path": ...}, encoder "synthetic"
+    assert main(["fit", str(tmp_path / "store"), "--out", out, "--quiet"]) == 2
+    assert "records no image source" in capsys.readouterr().err
