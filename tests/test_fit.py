@@ -183,3 +183,5 @@ def test_cli_fit_refuses_stores_it_cannot_cluster(tmp_path: Path, capsys: pytest
     write_store(tmp_path / "store", x, chunk_size=200)  # source {"path": ...}, encoder "synthetic"
     assert main(["fit", str(tmp_path / "store"), "--out", out, "--quiet"]) == 2
     assert "records no image source" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "store"), "--out", str(tmp_path / "store"), "--quiet"]) == 2
+    assert "is the feature store itself" in capsys.readouterr().err

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.out, "--out", directory=True)  # before the slow imports: fails at once
     if not args.features.is_dir():
         raise CppError(f"{args.features} is not a directory: pass a feature store written by `cpp embed`")
+    if out.resolve() == args.features.resolve():
+        raise CppError(f"--out {args.out} is the feature store itself: give another directory for the run")
     options = _options(args)
     from cpp.cli.cluster import format_summary
     from cpp.pipeline import cluster_features, head_configs
