@@ -21,6 +21,7 @@ from scipy.sparse.linalg import eigsh
 from cpp.errors import CppError
 from cpp.features import FeatureInput, as_matrix
 from cpp.head_model import FittedHead
+from cpp.kmeans import kmeans_pp
 from cpp.knn import knn_indices, normalize_rows
 from cpp.logging import get_logger
 from cpp.progress import RunControl
@@ -33,10 +34,8 @@ log = get_logger("readout")
 MAX_AUTO_K = 1000
 #: Spectral coordinates the automatic-K sweep clusters in (the first K of them for K below it).
 SWEEP_DIMS = 128
-#: k-means restarts per candidate K in the sweep; the chosen K is clustered again with SPECTRAL_RESTARTS.
+#: faiss k-means restarts per candidate K in the sweep (the chosen K is clustered again by k-means++).
 SWEEP_RESTARTS = 3
-#: k-means restarts in the spectral embedding (cheap: N x K coordinates).
-SPECTRAL_RESTARTS = 20
 # Distortion ε² of the coding length used to choose K. Training's ε² (0.1) codes the learned Z at the fine
 # scale at which rate reduction has spread every cluster over many directions; at that scale splitting a
 # cluster always pays. Model selection codes at the scale of a whole unit-norm vector (measured on
@@ -99,15 +98,18 @@ def spectral_embedding(codes: np.ndarray, dims: int, *, neighbours: int = 15) ->
     return vectors[:, ::-1].astype(np.float32)  # descending eigenvalues
 
 
-def _spectral_labels(embedding: np.ndarray, k: int, seed: int, *, restarts: int | None = None) -> np.ndarray:
+def spectral_labels(embedding: np.ndarray, k: int, seed: int, *, sweep: bool = False) -> np.ndarray:
     """k-means on the first ``k`` spectral coordinates, rows normalised (Ng–Jordan–Weiss).
 
-    The best of ``restarts`` (default ``SPECTRAL_RESTARTS``) k-means runs: with 3 the partition (and ACC)
-    of the same head moved by up to 4 points between seeds on CIFAR-10; with 20 it did not
-    (docs/benchmarks/quality.md).
+    k-means++ with :data:`cpp.kmeans.RESTARTS` restarts, the lowest inertia kept (on Tiny ImageNet 200,
+    ACC 0.336 against 0.324 for faiss k-means with 20 random starts; docs/benchmarks/quality.md). A ``sweep``
+    over candidate K uses faiss k-means with ``SWEEP_RESTARTS`` random starts instead: it only ranks the
+    candidates, and the chosen K is clustered again.
     """
-    redo = restarts or SPECTRAL_RESTARTS
-    return kmeans(normalize_rows(embedding[:, :k]), k, seed=seed, spherical=False, redo=redo)
+    coordinates = normalize_rows(embedding[:, :k])
+    if sweep:
+        return kmeans(coordinates, k, seed=seed, spherical=False, redo=SWEEP_RESTARTS)
+    return kmeans_pp(coordinates, k, seed=seed).labels
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
@@ -250,16 +252,16 @@ def readout(
     embedding = spectral_embedding(c_land, min(max(candidates), SWEEP_DIMS) if sweep else candidates[0])
     z_land_t = torch.from_numpy(z_land)
     lengths: list[float] = []
-    stage = control.stage("readout", len(candidates) + 1) if control else None
-    for k in candidates:
-        labels_k = _spectral_labels(embedding, k, seed, restarts=SWEEP_RESTARTS if sweep else None)
+    stage = control.stage("readout", (len(candidates) if sweep else 0) + 1) if control else None
+    for k in candidates if sweep else []:
+        labels_k = spectral_labels(embedding, k, seed, sweep=True)
         lengths.append(float(coding_length(z_land_t, torch.from_numpy(labels_k), selection_eps2)))
         if stage:
             stage.advance()
-    chosen = candidates[int(np.argmin(lengths))]
-    if sweep:  # the chosen K again, in its own spectral coordinates, with every restart
+    chosen = candidates[int(np.argmin(lengths))] if sweep else candidates[0]
+    if sweep:  # the chosen K again, in its own spectral coordinates
         embedding = spectral_embedding(c_land, chosen)
-    land_labels = _relabel_by_size(_spectral_labels(embedding, chosen, seed))
+    land_labels = _relabel_by_size(spectral_labels(embedding, chosen, seed))
     if stage:
         stage.advance()
     k_final = int(land_labels.max()) + 1
@@ -329,7 +331,7 @@ def feature_readout(
     # label purity 0.566 against 0.549 on CIFAR-10, 0.310 against 0.287 on Tiny ImageNet); centres and
     # bases stay in the unit features, the space new images are assigned in.
     centred = normalize_rows(x_land - x_land.mean(0))
-    labels = _relabel_by_size(_spectral_labels(spectral_embedding(centred, clusters), clusters, seed))
+    labels = _relabel_by_size(spectral_labels(spectral_embedding(centred, clusters), clusters, seed))
     k = int(labels.max()) + 1
     bases = cluster_bases(x_land, labels, k, max(1, min(8, x_land.shape[1] // k)))
     selection = KSelection(method="fixed", k=k)

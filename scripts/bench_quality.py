@@ -61,6 +61,7 @@ import torch
 
 from cpp.embed import embed_source
 from cpp.encoders import Encoder, create_encoder
+from cpp.kmeans import MAX_ITER, RESTARTS, TOL, kmeans_pp
 from cpp.knn import normalize_rows
 from cpp.metrics import evaluate
 from cpp.options import ClusterOptions, SourceSpec
@@ -70,9 +71,6 @@ from cpp.readout import candidate_ks, spectral_embedding
 BASELINES = ("kmeans_raw", "kmeans_centred", "spectral_raw")
 HEADS = {"mlp": "mlp", "default": "crate"}  # method -> ClusterOptions.head
 METHODS = (*BASELINES, *HEADS)
-RESTARTS = 10
-MAX_ITER = 300
-TOL = 1e-4
 SPECTRAL_NEIGHBOURS = 15
 #: Targets of issue 12 (reported, never used to choose anything).
 MARGIN_TARGET = 0.03
@@ -85,99 +83,10 @@ SPLIT_NAMES = frozenset({"test", "train", "val", "validation", "images"})
 # ----------------------------------------------------------------------------------------------- k-means++
 
 
-def _sq_dist(x: np.ndarray, x_sq: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``(n, m)`` squared Euclidean distances of the rows of ``x`` to the rows of ``c`` (clipped at 0)."""
-    d = x @ c.T
-    d *= -2.0
-    d += x_sq[:, None]
-    d += np.einsum("md,md->m", c, c)[None, :]
-    return np.maximum(d, 0.0, out=d)
-
-
-def _kmeans_pp_init(
-    x: np.ndarray, x_sq: np.ndarray, k: int, restarts: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``(restarts, k, d)`` greedy k-means++ seeds (Arthur & Vassilvitskii; 2 + ln k trials per centre,
-    the candidate that lowers the potential most is kept, as in scikit-learn), all restarts at once."""
-    n, d = x.shape
-    trials = 2 + int(np.log(k))
-    centers = np.empty((restarts, k, d), dtype=np.float32)
-    first = rng.integers(n, size=restarts)
-    centers[:, 0] = x[first]
-    closest = _sq_dist(x, x_sq, x[first]).astype(np.float64)  # (n, R)
-    rows = np.arange(restarts)
-    for c in range(1, k):
-        cumulative = np.cumsum(closest, axis=0)
-        draws = rng.random((restarts, trials)) * cumulative[-1][:, None]
-        picks = np.stack([np.searchsorted(cumulative[:, r], draws[r]) for r in range(restarts)])
-        picks = np.minimum(picks, n - 1)  # (R, trials)
-        dist = _sq_dist(x, x_sq, x[picks.ravel()]).reshape(n, restarts, trials)
-        candidate = np.minimum(closest[:, :, None], dist)
-        best = candidate.sum(0).argmin(1)  # (R,)
-        closest = candidate[:, rows, best]
-        centers[:, c] = x[picks[rows, best]]
-    return centers
-
-
-def _assign(x: np.ndarray, x_sq: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(R, n)`` and squared distances to the assigned centre ``(R, n)`` for ``R`` centre sets."""
-    r, k, d = centers.shape
-    dist = _sq_dist(x, x_sq, centers.reshape(r * k, d)).reshape(len(x), r, k)
-    labels = dist.argmin(2)
-    nearest = np.take_along_axis(dist, labels[:, :, None], axis=2)[:, :, 0]
-    return labels.T, nearest.T
-
-
-def kmeans_pp(
-    x: np.ndarray, k: int, *, seed: int, restarts: int = RESTARTS, max_iter: int = MAX_ITER, tol: float = TOL
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """k-means++ then Lloyd, ``restarts`` times (batched), the partition of lowest inertia.
-
-    Convergence as scikit-learn's ``KMeans``: labels unchanged, or a total squared centre shift at most
-    ``tol`` × the mean per-dimension variance of ``x``. An empty cluster takes the point farthest from its
-    centre. Returns the labels and ``{inertia, iterations}`` of the kept restart.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = len(x)
-    x_sq = np.einsum("nd,nd->n", x, x)
-    tolerance = tol * float(np.var(x, axis=0, dtype=np.float64).mean())
-    rng = np.random.default_rng([seed, k])
-    centers = _kmeans_pp_init(x, x_sq, k, restarts, rng)
-    previous = np.full((restarts, n), -1, dtype=np.int64)
-    iterations = np.zeros(restarts, dtype=np.int64)
-    active = np.arange(restarts)
-    columns = np.arange(n)
-    for _ in range(max_iter):
-        if len(active) == 0:
-            break
-        labels, nearest = _assign(x, x_sq, centers[active])
-        iterations[active] += 1
-        done = np.zeros(len(active), dtype=bool)
-        for i, r in enumerate(active):
-            counts = np.bincount(labels[i], minlength=k)
-            member = sp.csr_matrix(
-                (np.ones(n, dtype=np.float32), (labels[i], columns)), shape=(k, n), dtype=np.float32
-            )
-            sums = np.asarray(member @ x)
-            new = sums / np.maximum(counts, 1)[:, None].astype(np.float32)
-            empty = np.flatnonzero(counts == 0)
-            if len(empty):
-                far = np.argsort(-nearest[i], kind="stable")[: len(empty)]
-                new[empty] = x[far]
-            shift = float(((new - centers[r]) ** 2).sum())
-            strict = bool(np.array_equal(labels[i], previous[r]))
-            centers[r] = new
-            previous[r] = labels[i]
-            done[i] = strict or shift <= tolerance
-        active = active[~done]
-    labels, nearest = _assign(x, x_sq, centers)  # final E-step, consistent with the final centres
-    inertia = nearest.astype(np.float64).sum(1)
-    best = int(np.argmin(inertia))
-    return labels[best].astype(np.int64), {
-        "inertia": float(inertia[best]),
-        "iterations": int(iterations[best]),
-        "max_iterations": int(iterations.max()),
-    }
+def kmeans_pp_labels(x: np.ndarray, k: int, *, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`cpp.kmeans.kmeans_pp` (k-means++, 10 restarts): labels and ``{inertia, iterations}``."""
+    fit = kmeans_pp(x, k, seed=seed)
+    return fit.labels, {"inertia": fit.inertia, "iterations": fit.iterations}
 
 
 def cosine_silhouette(u: np.ndarray, labels: np.ndarray) -> float:
@@ -283,9 +192,9 @@ def _spectral(data: Dataset) -> tuple[np.ndarray, float]:
 def _partition(data: Dataset, method: str, k: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     if method == "spectral_raw":
         embedding, _ = _spectral(data)
-        return kmeans_pp(normalize_rows(embedding[:, :k]), k, seed=seed)
+        return kmeans_pp_labels(normalize_rows(embedding[:, :k]), k, seed=seed)
     features, _ = _baseline_space(data, method)
-    return kmeans_pp(features, k, seed=seed)
+    return kmeans_pp_labels(features, k, seed=seed)
 
 
 def run_baseline(data: Dataset, method: str, seed: int, auto: bool) -> dict[str, Any]:
