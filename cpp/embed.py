@@ -97,16 +97,9 @@ def embed_source(
     with ``workers`` decode processes). With ``roots``, only files inside them are read
     (:mod:`cpp.sources`).
     """
-    if batch_size < 1 or chunk_size < 1:
-        name, value = ("batch_size", batch_size) if batch_size < 1 else ("chunk_size", chunk_size)
-        raise OptionError(name, "must be >= 1", value=value)
-    if engine is not None and workers is not None:
-        raise OptionError(
-            "workers", "give workers to the engine, not to embed_source, when passing an engine"
-        )
+    # Over 60 lines with its 13 arguments and their docstring; the body reads top to bottom in 44 lines.
+    _check_arguments(batch_size, chunk_size, dtype, engine, workers)
     engine = engine or LocalEngine(workers)
-    if dtype not in DTYPES:
-        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}", value=dtype)
     started = time.perf_counter()
     identity = store_identity(source, encoder)
     existing = check_complete_store(out_dir, identity, items=lambda: SourceItems.of(source, roots=roots))
@@ -116,33 +109,119 @@ def embed_source(
 
     items = SourceItems.of(source, roots=roots)
     listed = time.perf_counter()
-    settings = StoreSettings(
-        chunk_size=chunk_size,
-        dtype=dtype,
-        dim=encoder.dim,
-        max_pixels=max_pixels,
+    settings = StoreSettings(chunk_size=chunk_size, dtype=dtype, dim=encoder.dim, max_pixels=max_pixels)
+    writer = _open_writer(out_dir, identity, settings, items)
+    resumed = writer.items_done
+    max_pixels_used = writer.run["settings"]["max_pixels"]
+    encode_s = _write_units(
+        writer,
+        items,
+        plan_units(resumed, len(items), writer.chunk_size, batch_size),
+        resumed,
+        encoder,
+        engine,
+        max_pixels_used,
+        control or RunControl(),
+        save_every_s,
     )
+    finished = time.perf_counter()
+    timings = {
+        "list": round(listed - started, 3),
+        "encode": round(encode_s, 3),
+        "total": round(finished - started, 3),
+        "images_per_s": round((len(items) - resumed) / max(finished - listed, 1e-9), 2),
+    }
+    details = _details(encoder, engine, batch_size, resumed, max_pixels_used, timings)
+    store = writer.finish(details)
+    counts = store.counts
+    _log.info(
+        "embedded %d of %d items into %s (%d skipped)",
+        counts["embedded"],
+        counts["items"],
+        store.path,
+        counts["skipped"],
+    )
+    return store
+
+
+def _open_writer(
+    out_dir: str | Path, identity: StoreIdentity, settings: StoreSettings, items: SourceItems
+) -> StoreWriter:
+    """The writer of the store at ``out_dir``: new, or resuming a partial one (with its own settings)."""
     writer = StoreWriter.open(out_dir, identity, settings, items=items)
     if writer.run["settings"] != settings:
         _log.warning("resuming %s with its original settings %s", writer.path, writer.run["settings"])
-    resumed = writer.items_done
-    if resumed:
+    if writer.items_done:
         _log.info(
             "resuming %s after %d items (%d complete chunks and %d parts)",
             writer.path,
-            resumed,
+            writer.items_done,
             len(writer.chunks),
             len(writer.parts),
         )
-    units = plan_units(resumed, len(items), writer.chunk_size, batch_size)
-    max_pixels_used = writer.run["settings"]["max_pixels"]
-    control = control or RunControl()
+    return writer
+
+
+def _details(
+    encoder: Encoder,
+    engine: EmbedEngine,
+    batch_size: int,
+    resumed: int,
+    max_pixels: int,
+    timings: dict[str, float],
+) -> StoreDetails:
+    """What ``meta.json`` records about how the store was made."""
+    return StoreDetails(
+        encoder=encoder.describe(),
+        preprocessing={
+            "decode": DECODE,
+            "max_pixels": max_pixels,
+            "encoder": encoder.describe().get("preprocess"),
+        },
+        run={
+            "batch_size": batch_size,
+            **engine.describe(),
+            "resumed_items": resumed,
+            "torch_threads": torch.get_num_threads(),
+        },
+        timings_s=timings,
+    )
+
+
+def _check_arguments(
+    batch_size: int, chunk_size: int, dtype: str, engine: EmbedEngine | None, workers: int | None
+) -> None:
+    if batch_size < 1 or chunk_size < 1:
+        name, value = ("batch_size", batch_size) if batch_size < 1 else ("chunk_size", chunk_size)
+        raise OptionError(name, "must be >= 1", value=value)
+    if engine is not None and workers is not None:
+        raise OptionError(
+            "workers", "give workers to the engine, not to embed_source, when passing an engine"
+        )
+    if dtype not in DTYPES:
+        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}", value=dtype)
+
+
+def _write_units(
+    writer: StoreWriter,
+    items: SourceItems,
+    units: list[tuple[int, int]],
+    resumed: int,
+    encoder: Encoder,
+    engine: EmbedEngine,
+    max_pixels: int,
+    control: RunControl,
+    save_every_s: float,
+) -> float:
+    """Encode ``units`` of ``items`` (the first ``resumed`` are in the store) and write them to ``writer``:
+    each chunk when it is complete, the units since the last write as a part every ``save_every_s`` seconds
+    and on cancellation. Returns the seconds spent encoding."""
     encode_s = 0.0
     chunk_features: list[np.ndarray] = []
     chunk_entries: list[IndexEntry] = []
     with (
         closing(control.stage("embed", len(items), unit="img", initial=resumed)) as stage,
-        closing(engine.run(items, units, encoder, max_pixels_used)) as encoded,  # stops the engine on errors
+        closing(engine.run(items, units, encoder, max_pixels)) as encoded,  # stops the engine on errors
     ):
         expected = resumed
         saved_at = time.perf_counter()
@@ -168,37 +247,7 @@ def embed_source(
                 if chunk_entries:
                     writer.write_part(_stack(chunk_features, encoder.dim), chunk_entries)
                 raise
-    finished = time.perf_counter()
-    details = StoreDetails(
-        encoder=encoder.describe(),
-        preprocessing={
-            "decode": DECODE,
-            "max_pixels": max_pixels_used,
-            "encoder": encoder.describe().get("preprocess"),
-        },
-        run={
-            "batch_size": batch_size,
-            **engine.describe(),
-            "resumed_items": resumed,
-            "torch_threads": torch.get_num_threads(),
-        },
-        timings_s={
-            "list": round(listed - started, 3),
-            "encode": round(encode_s, 3),
-            "total": round(finished - started, 3),
-            "images_per_s": round((len(items) - resumed) / max(finished - listed, 1e-9), 2),
-        },
-    )
-    store = writer.finish(details)
-    counts = store.counts
-    _log.info(
-        "embedded %d of %d items into %s (%d skipped)",
-        counts["embedded"],
-        counts["items"],
-        store.path,
-        counts["skipped"],
-    )
-    return store
+    return encode_s
 
 
 def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:

@@ -159,55 +159,82 @@ def name_clusters(
         raise ValueError(f"{label_vectors.shape[0]} label vectors for {len(vocabulary)} names")
     if len(matrix) != labels.shape[0]:
         raise ValueError(f"{len(matrix)} feature rows but {labels.shape[0]} cluster labels")
-    if config.space == "head":
-        if fitted is None:
-            raise ValueError("naming in the head space needs the fitted head")
-        names = normalize_rows(labels_through_head(fitted, label_vectors))
-    else:
-        names = normalize_rows(label_vectors)
+    names = _name_vectors(label_vectors, config, fitted)
     k = int(labels.max()) + 1 if len(labels) else 0
-    n = len(labels)
-    dim = names.shape[1]
+    votes = _Votes(config, labels, k, names)
     mean = (
-        _mean_row(_space_blocks(matrix, config.space, fitted, z), dim)
+        _mean_row(_space_blocks(matrix, config.space, fitted, z), names.shape[1])
         if config.centre_features
-        else np.zeros(dim, dtype=np.float32)
+        else np.zeros(names.shape[1], dtype=np.float32)
     )
-    vote_k = min(max(config.vote_k, 1), names.shape[0])
-    image_labels = np.empty(n, dtype=np.int64)
-    image_scores = np.empty(n, dtype=np.float32)
-    totals = np.zeros((k, dim if config.method == "centre" else names.shape[0]), dtype=np.float64)
-    sampled = _subspace_samples(labels, k, config.seed) if config.method == "subspace" else None
-    samples: list[np.ndarray] = []
-    name_t = torch.from_numpy(names)
     for start, block in _space_blocks(matrix, config.space, fitted, z):
-        images = normalize_rows(block - mean)
-        block_labels = labels[start : start + len(images)]
-        top = (torch.from_numpy(images) @ name_t.T).topk(vote_k, dim=1)
-        image_labels[start : start + len(images)] = top.indices[:, 0].numpy()
-        image_scores[start : start + len(images)] = top.values[:, 0].numpy()
-        if config.method == "centre":
-            np.add.at(totals, block_labels, images)
-        elif config.method == "vote":
-            np.add.at(totals, (np.repeat(block_labels, vote_k), top.indices.numpy().ravel()), 1.0)
-        else:
-            assert sampled is not None
-            inside = sampled[(sampled >= start) & (sampled < start + len(images))]
-            samples.append(images[inside - start])
+        votes.add(start, normalize_rows(block - mean))
     if stage:
         stage.advance()
-    if config.method == "centre":
-        scores = normalize_rows(totals.astype(np.float32)) @ names.T
-    elif config.method == "vote":
-        sizes = np.bincount(labels, minlength=k).astype(np.float64)
-        scores = (totals / np.maximum(sizes, 1)[:, None]).astype(np.float32)
-    else:
-        assert sampled is not None
-        stacked = np.concatenate(samples) if samples else np.zeros((0, dim), dtype=np.float32)
-        scores = _subspace_scores(stacked, labels[sampled], names, k, config.rank)
+    clusters = _cluster_names(votes.scores(), vocabulary, config)
+    if stage:
+        stage.advance()
+    return Naming(clusters, votes.image_labels, votes.image_scores)
+
+
+def _name_vectors(label_vectors: np.ndarray, config: NamingConfig, fitted: FittedHead | None) -> np.ndarray:
+    """The unit name vectors in the naming space (through the head for ``head``)."""
+    if config.space != "head":
+        return normalize_rows(label_vectors)
+    if fitted is None:
+        raise ValueError("naming in the head space needs the fitted head")
+    return normalize_rows(labels_through_head(fitted, label_vectors))
+
+
+class _Votes:
+    """What one streaming pass over the unit image vectors collects: every image's best name and score, and
+    per cluster what its ``config.method`` scores the names from."""
+
+    def __init__(self, config: NamingConfig, labels: np.ndarray, k: int, names: np.ndarray) -> None:
+        self.config, self.labels, self.k, self.names = config, labels, k, names
+        self.vote_k = min(max(config.vote_k, 1), names.shape[0])
+        self.image_labels = np.empty(len(labels), dtype=np.int64)
+        self.image_scores = np.empty(len(labels), dtype=np.float32)
+        width = names.shape[1] if config.method == "centre" else names.shape[0]
+        self.totals = np.zeros((k, width), dtype=np.float64)
+        self.sampled = _subspace_samples(labels, k, config.seed) if config.method == "subspace" else None
+        self.samples: list[np.ndarray] = []
+        self._names_t = torch.from_numpy(names)
+
+    def add(self, start: int, images: np.ndarray) -> None:
+        """Count the unit image vectors of rows ``start ..``."""
+        stop = start + len(images)
+        block_labels = self.labels[start:stop]
+        top = (torch.from_numpy(images) @ self._names_t.T).topk(self.vote_k, dim=1)
+        self.image_labels[start:stop] = top.indices[:, 0].numpy()
+        self.image_scores[start:stop] = top.values[:, 0].numpy()
+        if self.config.method == "centre":
+            np.add.at(self.totals, block_labels, images)
+        elif self.config.method == "vote":
+            np.add.at(self.totals, (np.repeat(block_labels, self.vote_k), top.indices.numpy().ravel()), 1.0)
+        else:
+            assert self.sampled is not None
+            inside = self.sampled[(self.sampled >= start) & (self.sampled < stop)]
+            self.samples.append(images[inside - start])
+
+    def scores(self) -> np.ndarray:
+        """``(K, names)`` score of every name for every cluster."""
+        if self.config.method == "centre":
+            return normalize_rows(self.totals.astype(np.float32)) @ self.names.T
+        if self.config.method == "vote":
+            sizes = np.bincount(self.labels, minlength=self.k).astype(np.float64)
+            return (self.totals / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+        assert self.sampled is not None
+        dim = self.names.shape[1]
+        stacked = np.concatenate(self.samples) if self.samples else np.zeros((0, dim), dtype=np.float32)
+        return _subspace_scores(stacked, self.labels[self.sampled], self.names, self.k, self.config.rank)
+
+
+def _cluster_names(scores: np.ndarray, vocabulary: Vocabulary, config: NamingConfig) -> list[ClusterName]:
+    """Each cluster's best name, its runners-up, and whether the best won by less than the margin."""
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, : config.alternatives + 1]
     clusters: list[ClusterName] = []
-    for j in range(k):
+    for j in range(len(scores)):
         best = scores[j, ranked[j]]
         margin = (best[0] - best[1]) / max(abs(float(best[0])), 1e-12) if len(best) > 1 else 1.0
         clusters.append(
@@ -220,6 +247,4 @@ def name_clusters(
                 ],
             )
         )
-    if stage:
-        stage.advance()
-    return Naming(clusters, image_labels, image_scores)
+    return clusters

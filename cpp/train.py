@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from cpp.devices import resolve_device
-from cpp.features import FeatureInput, as_matrix
+from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.head_model import FitConfig, FitInputError, FittedHead, autocast, check_features
 from cpp.heads import CrateHead, HeadConfig, build_head
 from cpp.knn import knn_indices, normalize_rows
@@ -68,6 +69,77 @@ def rate_reduction_loss(
     return loss, {"rate": r.detach(), "rate_clusters": rc.detach(), "pi_fro2": fro.detach()}
 
 
+def _training_rows(matrix: FeatureMatrix, config: FitConfig) -> np.ndarray:
+    """The unit rows to train on: all of them, or a seeded random sample above ``max_train_samples``."""
+    rng = np.random.default_rng(config.seed)
+    n_all = len(matrix)
+    if n_all > config.max_train_samples:
+        subset = np.sort(rng.choice(n_all, size=config.max_train_samples, replace=False))
+        train = matrix.take(subset)
+        log.info("training on a random subset of %d of %d samples", len(subset), n_all)
+    else:
+        train = matrix.all()
+    if not np.isfinite(train).all():
+        raise FitInputError("features contain NaN or infinite values; re-embed or drop those rows")
+    return normalize_rows(train)
+
+
+def _optimizer(head: torch.nn.Module, config: FitConfig) -> torch.optim.AdamW:
+    """AdamW with the C projection in its own group (its own weight decay)."""
+    c_ids = {id(p) for p in head.get_submodule("c_proj").parameters()}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in head.parameters() if id(p) not in c_ids]},
+        {
+            "params": list(head.get_submodule("c_proj").parameters()),
+            "weight_decay": config.cluster_weight_decay,
+        },
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@dataclass
+class _EpochSteps:
+    """The optimiser steps of one training epoch of :func:`fit_head`; ``generator`` draws each epoch's order
+    of the rows and, with neighbour views, each anchor's neighbour."""
+
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    config: FitConfig
+    x: torch.Tensor  # (n, d) unit training rows, on the training device
+    neighbours: torch.Tensor | None  # (n, context_k) context neighbours, on the device
+    view_neighbours: torch.Tensor | None  # (n, view_k) on the CPU; None: batches of independent rows
+    batch: int
+    steps: int
+    generator: torch.Generator
+    sample_pi: torch.Generator
+    control: RunControl
+
+    def _rows(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        if self.view_neighbours is None:
+            return order[step * self.batch : (step + 1) * self.batch].to(self.x.device)
+        half = max(1, self.batch // 2)
+        anchors = order[step * half : (step + 1) * half]
+        pick = torch.randint(self.view_neighbours.shape[1], (len(anchors),), generator=self.generator)
+        return torch.cat([anchors, self.view_neighbours[anchors, pick]]).to(self.x.device)
+
+    def run(self, warmup: bool) -> dict[str, float]:
+        """One epoch; the mean loss and rate terms of its steps."""
+        order = torch.randperm(len(self.x), generator=self.generator)
+        sums: dict[str, torch.Tensor] = {}
+        for step in range(self.steps):
+            self.control.check_cancelled()
+            rows = self._rows(order, step)
+            with autocast(self.x.device):
+                z, c = self.head(_tokens(self.x, self.neighbours, rows))
+            loss, terms = rate_reduction_loss(z, c, self.config, warmup=warmup, generator=self.sample_pi)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value
+        return {name: float(value) / self.steps for name, value in sums.items()}
+
+
 def fit_head(
     features: FeatureInput,
     head_config: HeadConfig | None = None,
@@ -81,25 +153,15 @@ def fit_head(
     The same features, configurations and seed give the same weights, also in concurrent threads, as long as
     the number of CPU threads is the same (another count sums floats in another order).
     """
-    # Over 60 lines on purpose: one training loop whose random draws (subset, initial weights, batches, rows
-    # of Π) must stay in this order for runs to keep reproducing; split, the order would be spread out.
+    # Over 60 lines on purpose: the setup's random draws (initial weights, then the generators of batches and
+    # rows of Π) must stay in this order for runs to keep reproducing, so they are made in one place.
     matrix = as_matrix(features)
     check_features(matrix)
     head_config = head_config or HeadConfig()
     fit_config = fit_config or FitConfig()
     control = control or RunControl()
     device = resolve_device(fit_config.device)
-    rng = np.random.default_rng(fit_config.seed)
-    n_all = len(matrix)
-    if n_all > fit_config.max_train_samples:
-        subset = np.sort(rng.choice(n_all, size=fit_config.max_train_samples, replace=False))
-        train = matrix.take(subset)
-        log.info("training on a random subset of %d of %d samples", len(subset), n_all)
-    else:
-        train = matrix.all()
-    if not np.isfinite(train).all():
-        raise FitInputError("features contain NaN or infinite values; re-embed or drop those rows")
-    x_np = normalize_rows(train)
+    x_np = _training_rows(matrix, fit_config)
     n, in_dim = x_np.shape
     k = head_config.context_k
     if k >= n:
@@ -121,21 +183,21 @@ def fit_head(
     if isinstance(head, CrateHead):
         head.input_mean.copy_(x.mean(0))
     z_proj, c_proj = head.get_submodule("z_proj"), head.get_submodule("c_proj")
-    c_ids = {id(p) for p in c_proj.parameters()}
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in head.parameters() if id(p) not in c_ids]},
-        {"params": list(c_proj.parameters()), "weight_decay": fit_config.cluster_weight_decay},
-    ]
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=fit_config.lr,
-        weight_decay=fit_config.weight_decay,
-    )
     batch = min(fit_config.batch_size, n)
-    half = max(1, batch // 2)
-    steps_per_epoch = max(1, n // (half if view_k else batch))
+    epoch_steps = _EpochSteps(
+        head=head,
+        optimizer=_optimizer(head, fit_config),
+        config=fit_config,
+        x=x,
+        neighbours=neighbours,
+        view_neighbours=view_neighbours,
+        batch=batch,
+        steps=max(1, n // (max(1, batch // 2) if view_k else batch)),
+        generator=torch.Generator(device="cpu").manual_seed(fit_config.seed),
+        sample_pi=sample_pi,
+        control=control,
+    )
     epochs = fit_config.epochs or auto_epochs(n, fit_config)
-    generator = torch.Generator(device="cpu").manual_seed(fit_config.seed)
     history: list[dict[str, float]] = []
     stage = control.stage("fit", epochs, unit="epoch")
     head.train()
@@ -145,25 +207,7 @@ def fit_head(
             if epoch == fit_config.warmup_epochs and epoch > 0:
                 c_proj.load_state_dict(z_proj.state_dict())
             started = time.perf_counter()
-            order = torch.randperm(n, generator=generator)
-            sums: dict[str, torch.Tensor] = {}
-            for step in range(steps_per_epoch):
-                control.check_cancelled()
-                if view_neighbours is None:
-                    rows = order[step * batch : (step + 1) * batch].to(device)
-                else:
-                    anchors = order[step * half : (step + 1) * half]
-                    pick = torch.randint(view_neighbours.shape[1], (len(anchors),), generator=generator)
-                    rows = torch.cat([anchors, view_neighbours[anchors, pick]]).to(device)
-                with autocast(device):
-                    z, c = head(_tokens(x, neighbours, rows))
-                loss, terms = rate_reduction_loss(z, c, fit_config, warmup=warmup, generator=sample_pi)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for name, value in {"loss": loss.detach(), **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + value
-            record = {name: float(value) / steps_per_epoch for name, value in sums.items()}
+            record = epoch_steps.run(warmup)
             if not all(math.isfinite(v) for v in record.values()):
                 raise FitInputError(
                     f"training diverged at epoch {epoch + 1} ({record}); lower the learning rate (lr)"

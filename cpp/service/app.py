@@ -148,6 +148,60 @@ def _document_this_server(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _start_services(
+    settings: Settings,
+    metrics: ServiceMetrics,
+    pipeline: Pipeline | None,
+    encoder_factory: EncoderFactory | None,
+) -> Services:
+    """Open the job store, tidy what killed runs left, and start a worker per device (if workers run)."""
+    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url, settings.sqlite_path)
+    if store.single_process and settings.run_workers:
+        resumed = store.requeue_running()
+        if resumed:
+            log.info("re-queued %d job(s) that were running when the service stopped", resumed)
+    removed = remove_orphans(
+        settings.data_dir / STAGING_DIR,
+        settings.jobs_dir,
+        lambda job_id: store.get(job_id) is not None,
+        # A shared store: another process may have moved an upload into place and not yet added
+        # its row; the folder's mtime is fresh then (StagedUpload.publish).
+        0.0 if store.single_process else settings.lease_s,
+    )
+    if removed:
+        log.info("removed %d folder(s) left by killed uploads or deleted jobs", len(removed))
+    services = Services(settings, store, pipeline or library_pipeline(), metrics)
+    if settings.run_workers:
+        _start_workers(services, encoder_factory or library_encoder_factory)
+    return services
+
+
+def _start_workers(services: Services, factory: EncoderFactory) -> None:
+    """One worker per configured device, each counting what it finishes in the metrics."""
+    settings, metrics = services.settings, services.metrics
+
+    def finished(status: JobStatus, seconds: float) -> None:
+        metrics.jobs_finished.inc(status.value)
+        metrics.job_duration.observe(seconds)
+
+    for device in settings.devices:
+        worker = Worker(
+            services.store,
+            settings.jobs_dir,
+            device,
+            pipeline=services.pipeline,
+            encoder_factory=factory,
+            allowed_roots=settings.allowed_roots,
+            poll_interval_s=settings.poll_interval_s,
+            lease_s=settings.lease_s,
+            nice=settings.worker_nice,
+            on_finish=finished,
+        )
+        worker.start()
+        services.workers.append(worker)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -169,45 +223,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-        store = open_store(settings.database_url, settings.sqlite_path)
-        if store.single_process and settings.run_workers:
-            resumed = store.requeue_running()
-            if resumed:
-                log.info("re-queued %d job(s) that were running when the service stopped", resumed)
-        removed = remove_orphans(
-            settings.data_dir / STAGING_DIR,
-            settings.jobs_dir,
-            lambda job_id: store.get(job_id) is not None,
-            # A shared store: another process may have moved an upload into place and not yet added
-            # its row; the folder's mtime is fresh then (StagedUpload.publish).
-            0.0 if store.single_process else settings.lease_s,
-        )
-        if removed:
-            log.info("removed %d folder(s) left by killed uploads or deleted jobs", len(removed))
-        services = Services(settings, store, pipeline or library_pipeline(), metrics)
-
-        def finished(status: JobStatus, seconds: float) -> None:
-            metrics.jobs_finished.inc(status.value)
-            metrics.job_duration.observe(seconds)
-
-        if settings.run_workers:
-            factory = encoder_factory or library_encoder_factory
-            for device in settings.devices:
-                worker = Worker(
-                    store,
-                    settings.jobs_dir,
-                    device,
-                    pipeline=services.pipeline,
-                    encoder_factory=factory,
-                    allowed_roots=settings.allowed_roots,
-                    poll_interval_s=settings.poll_interval_s,
-                    lease_s=settings.lease_s,
-                    nice=settings.worker_nice,
-                    on_finish=finished,
-                )
-                worker.start()
-                services.workers.append(worker)
+        services = _start_services(settings, metrics, pipeline, encoder_factory)
         holder["services"] = services
         app.state.services = services
         try:
@@ -215,7 +231,7 @@ def create_app(
         finally:
             for worker in services.workers:
                 worker.stop()
-            store.close()
+            services.store.close()
 
     app = FastAPI(
         title="cpp job service",

@@ -129,6 +129,52 @@ def _feed(parser: MultipartParser, data: bytes) -> None:
         raise _bad_multipart(str(exc)) from exc
 
 
+def _parser(boundary: bytes, parts: _Parts) -> MultipartParser:
+    """A multipart parser that hands every event to ``parts``."""
+    try:
+        return MultipartParser(
+            boundary,
+            {
+                "on_part_begin": parts.on_part_begin,
+                "on_header_field": parts.on_header_field,
+                "on_header_value": parts.on_header_value,
+                "on_header_end": parts.on_header_end,
+                "on_headers_finished": parts.on_headers_finished,
+                "on_part_data": parts.on_part_data,
+                "on_part_end": parts.on_part_end,
+            },
+        )
+    except FormParserError as exc:  # a boundary longer than RFC 2046 allows
+        raise _bad_multipart(str(exc)) from exc
+
+
+async def _feed_body(request: Request, parser: MultipartParser, declared: int | None) -> None:
+    """Feed the request body to ``parser`` in pieces of about :data:`_FEED_BYTES`, checking it against its
+    ``Content-Length`` (``declared``)."""
+    received = 0
+    pending: list[bytes] = []
+    pending_bytes = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if declared is not None and received > declared:
+                raise _bad_multipart(f"the body is longer than its Content-Length of {declared} bytes")
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= _FEED_BYTES:
+                await run_in_threadpool(_feed, parser, b"".join(pending))
+                pending.clear()
+                pending_bytes = 0
+    except ClientDisconnect:
+        raise _bad_multipart(
+            f"the client disconnected after {received} of {declared} bytes of the body"
+        ) from None
+    if declared is not None and received < declared:
+        raise _bad_multipart(f"the body ends after {received} bytes; its Content-Length announced {declared}")
+    if pending:
+        await run_in_threadpool(_feed, parser, b"".join(pending))
+
+
 async def read_upload_form(
     request: Request, writer: UploadWriter, *, max_field_bytes: int, max_files: int
 ) -> dict[str, str]:
@@ -152,43 +198,8 @@ async def read_upload_form(
     length = request.headers.get("content-length")
     declared = int(length) if length is not None else None  # RequestGuard checked it is a number
     parts = _Parts(writer, max_field_bytes, max_files)
-    try:
-        parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": parts.on_part_begin,
-                "on_header_field": parts.on_header_field,
-                "on_header_value": parts.on_header_value,
-                "on_header_end": parts.on_header_end,
-                "on_headers_finished": parts.on_headers_finished,
-                "on_part_data": parts.on_part_data,
-                "on_part_end": parts.on_part_end,
-            },
-        )
-    except FormParserError as exc:  # a boundary longer than RFC 2046 allows
-        raise _bad_multipart(str(exc)) from exc
-    received = 0
-    pending: list[bytes] = []
-    pending_bytes = 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if declared is not None and received > declared:
-                raise _bad_multipart(f"the body is longer than its Content-Length of {declared} bytes")
-            pending.append(chunk)
-            pending_bytes += len(chunk)
-            if pending_bytes >= _FEED_BYTES:
-                await run_in_threadpool(_feed, parser, b"".join(pending))
-                pending.clear()
-                pending_bytes = 0
-    except ClientDisconnect:
-        raise _bad_multipart(
-            f"the client disconnected after {received} of {declared} bytes of the body"
-        ) from None
-    if declared is not None and received < declared:
-        raise _bad_multipart(f"the body ends after {received} bytes; its Content-Length announced {declared}")
-    if pending:
-        await run_in_threadpool(_feed, parser, b"".join(pending))
+    parser = _parser(boundary, parts)
+    await _feed_body(request, parser, declared)
     if parser.state != MultipartState.END:
         raise _bad_multipart(
             "the body ends before the closing boundary: the upload was cut off (send it again)"

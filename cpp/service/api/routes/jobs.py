@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
 import shutil
 import time
 import uuid
@@ -217,22 +218,11 @@ def _upload_options(raw: str | None) -> ClusterOptions:
         ) from exc
 
 
-@router.post(
-    "/upload",
-    status_code=status.HTTP_202_ACCEPTED,
-    summary="Submit a job over uploaded images",
-    response_description="The queued job (200 with the existing job for a repeated Idempotency-Key).",
-    openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 411, 413, 422, 507),
-)
-async def upload_job(
-    request: Request,
-    services: ServicesDep,
-    caller: CallerDep,
-    response: Response,
-    idempotency_key: IdempotencyKey = None,
-) -> Job:
-    """Upload images and/or zip archives of images (multipart field `files`) and queue a job over them."""
+async def _receive_upload(
+    request: Request, services: Services, job_id: str, job_dir: pathlib.Path
+) -> tuple[ClusterOptions, bool, str]:
+    """Stream an upload's files into ``job_dir`` and read its fields: the job's options, whether labels come
+    from folders, and the digest of the upload (files, options and labels) that identifies the request."""
     settings = services.settings
     limits = UploadLimits(
         settings.max_upload_bytes,
@@ -240,8 +230,6 @@ async def upload_job(
         settings.max_image_pixels,
         settings.max_zip_ratio,
     )
-    job_id = uuid.uuid4().hex
-    job_dir = settings.jobs_dir / job_id
     # Written into a locked staging folder, moved into place only when complete: a process killed
     # midway leaves a folder that the next start-up removes (cpp.service.uploads.remove_orphans).
     staged = await run_in_threadpool(StagedUpload, settings.data_dir / STAGING_DIR, job_id)
@@ -268,6 +256,28 @@ async def upload_job(
     except BaseException:
         staged.discard()
         raise
+    return options, labels, digest
+
+
+@router.post(
+    "/upload",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Submit a job over uploaded images",
+    response_description="The queued job (200 with the existing job for a repeated Idempotency-Key).",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses=_REPLAY_RESPONSE | problem_responses(400, 401, 403, 411, 413, 422, 507),
+)
+async def upload_job(
+    request: Request,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    """Upload images and/or zip archives of images (multipart field `files`) and queue a job over them."""
+    job_id = uuid.uuid4().hex
+    job_dir = services.settings.jobs_dir / job_id
+    options, labels, digest = await _receive_upload(request, services, job_id, job_dir)
     source = SourceSpec(type="folder", path=str((job_dir / "upload").resolve()), labels_from_folders=labels)
     try:
         job, created = await run_in_threadpool(
