@@ -2,7 +2,8 @@
 
 An image is addressed by its row in the clustering (0..members-1), never by a path: the row's key and path
 come from the clustering's feature store, and the bytes are read through the clustering's own source items
-(:func:`cpp.sources.source_parts`: folders, file lists, COCO folders or tar shards), confined to ``roots``
+(:func:`cpp.sources.source_parts`: folders, file lists, COCO folders or tar shards; for images added by
+``cpp assign --update``, their addition's source), confined to ``roots``
 when given (the service's allowed roots and the job's folder). So only images that belong to the clustering
 can be read. Thumbnails are JPEGs of at most :data:`SIZE` pixels a side, written atomically to
 ``<clustering>/thumbnails/<SIZE>/<row>.jpg`` and reused.
@@ -43,21 +44,31 @@ class ImageReader:
         self.clustering = cl
         self.roots = roots
         self.members: Members = members(cl)
-        self._parts: dict[str, SourcePart] | None = None
-        self._items: OrderedDict[str, dict[str, Item]] = OrderedDict()
+        self._parts: dict[int, dict[str, SourcePart]] = {}  # per source: 0 fitted, n the n-th addition
+        self._items: OrderedDict[tuple[int, str], dict[str, Item]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _source_parts(self) -> dict[str, SourcePart]:
-        if self._parts is None:
+    def _source_of(self, row: int) -> int:
+        for addition in self.clustering.manifest.additions:
+            if addition.start <= row < addition.start + addition.rows:
+                return addition.number
+        return 0
+
+    def _source_parts(self, number: int) -> dict[str, SourcePart]:
+        if number not in self._parts:
+            manifest = self.clustering.manifest
+            raw = manifest.additions[number - 1].source if number else manifest.source
             try:
-                spec = SourceSpec.model_validate(self.clustering.manifest.source)
-                self._parts = {name: (name, lister) for name, lister in source_parts(spec, self.roots)}
+                spec = SourceSpec.model_validate(raw)
+                self._parts[number] = {
+                    name: (name, lister) for name, lister in source_parts(spec, self.roots)
+                }
             except (CppError, ValueError, OSError) as exc:
                 raise ThumbnailError(f"the clustering's source cannot be read: {exc}") from None
-        return self._parts
+        return self._parts[number]
 
-    def _part_of(self, row: int) -> str:
-        parts = self._source_parts()
+    def _part_of(self, number: int, row: int) -> str:
+        parts = self._source_parts(number)
         if len(parts) == 1:
             return next(iter(parts))
         path = self.members.paths[row] or ""
@@ -73,18 +84,19 @@ class ImageReader:
         if not 0 <= row < len(self.members):
             raise ThumbnailError(f"image {row} is not in this clustering (rows 0..{len(self.members) - 1})")
         with self._lock:
-            name = self._part_of(row)
-            items = self._items.get(name)
+            number = self._source_of(row)
+            name = self._part_of(number, row)
+            items = self._items.get((number, name))
             if items is None:
                 try:
-                    items = {item.key: item for item in self._source_parts()[name][1]()}
+                    items = {item.key: item for item in self._source_parts(number)[name][1]()}
                 except (CppError, OSError) as exc:
                     raise ThumbnailError(f"image {row}: cannot list its part of the source ({exc})") from None
-                self._items[name] = items
+                self._items[(number, name)] = items
                 while len(self._items) > _PARTS_KEPT:
                     self._items.popitem(last=False)
             else:
-                self._items.move_to_end(name)
+                self._items.move_to_end((number, name))
         found = items.get(self.members.keys[row])
         if found is None:
             raise ThumbnailError(f"image {row} ({self.members.keys[row]}) is no longer in the source")

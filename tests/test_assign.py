@@ -25,6 +25,7 @@ from cpp.pipeline import SMALL_N, run_cluster
 from cpp.progress import Cancelled
 from cpp.result import Edit
 from cpp.store import FeatureStore
+from cpp.thumbnails import Thumbnails
 
 CLASSES = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 PER_CLASS = 86  # 258 images: above SMALL_N, so a head is trained
@@ -326,6 +327,8 @@ def test_update_adds_the_images_as_a_revision_with_a_novel_pool(work: Path, enco
         rows = [members.row_of(shown) for shown in cluster.representatives]
         assert rows and all(row is not None and labels[row] == cluster.id for row in rows)
     assert gallery.projection(found).shape == (found.manifest.members, 2)
+    thumbnail = Thumbnails(found, size=32).path(fitted_members)  # read through the addition's source
+    assert Image.open(thumbnail).size == (32, 32)
     outliers = gallery.cluster_page(found, -1, limit=100)
     assert {m["row"] for m in outliers["members"]} >= set(found.novel_pool().tolist())
 

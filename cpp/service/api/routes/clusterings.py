@@ -102,7 +102,7 @@ def clustering_info(job_id: str, found: Clustering) -> ClusteringInfo:
         model=manifest.model,
         encoder=manifest.encoder,
         space=manifest.space,
-        members=manifest.members,
+        members=manifest.fitted_members,
         revision=state.revision,
         novelty=manifest.novelty.model_dump(),
         clusters=[
