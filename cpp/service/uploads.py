@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cpp.logging import get_logger
 from cpp.service.problems import ApiProblem
+from cpp.service.worker import ASSIGN_DIR
 from cpp.sources import IMAGE_EXTENSIONS
 
 log = get_logger("service")
@@ -419,15 +420,21 @@ def _abandoned(folder: Path) -> bool:
 
 
 def remove_orphans(
-    staging_root: Path, jobs_dir: Path, job_exists: Callable[[str], bool], job_grace_s: float
+    staging_root: Path,
+    jobs_dir: Path,
+    job_exists: Callable[[str], bool],
+    job_grace_s: float,
+    assignment_exists: Callable[[str], bool] | None = None,
 ) -> list[Path]:
     """Remove what killed processes left behind; returns the folders removed.
 
     - a staging folder whose lock no process holds (an upload killed midway), and a hidden new one
       older than a minute (killed between ``mkdir`` and ``rename``);
-    - a job folder (``jobs/<32 hex>``) without a job row, last modified over ``job_grace_s`` seconds
-      ago (0 when this process is the only one using the store; with a shared store another process may
-      have just published an upload and not yet inserted its row).
+    - a job folder (``jobs/<32 hex>``) without a cluster job row (``job_exists``), last modified over
+      ``job_grace_s`` seconds ago (0 when this process is the only one using the store; with a shared
+      store another process may have just published an upload and not yet inserted its row);
+    - with ``assignment_exists``, likewise an assignment job's folder (``jobs/<id>/assign/<32 hex>``) in a
+      job folder that is kept, without an assignment job row.
     """
     removed: list[Path] = []
     now = time.time()
@@ -441,13 +448,26 @@ def remove_orphans(
                 _remove(folder, removed)
     if jobs_dir.is_dir():
         for folder in sorted(jobs_dir.iterdir()):
-            if (
-                _JOB_ID.match(folder.name)
-                and now - folder.lstat().st_mtime > job_grace_s
-                and not job_exists(folder.name)
-            ):
+            if not _JOB_ID.match(folder.name):
+                continue
+            if now - folder.lstat().st_mtime > job_grace_s and not job_exists(folder.name):
                 _remove(folder, removed)
+            elif assignment_exists is not None:
+                _remove_orphaned_in(folder / ASSIGN_DIR, assignment_exists, now - job_grace_s, removed)
     return removed
+
+
+def _remove_orphaned_in(
+    parent: Path, exists: Callable[[str], bool], older_than: float, removed: list[Path]
+) -> None:
+    """Remove the job folders in ``parent`` last modified before ``older_than`` whose job does not exist."""
+    try:
+        folders = sorted(parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for folder in folders:
+        if _JOB_ID.match(folder.name) and folder.lstat().st_mtime < older_than and not exists(folder.name):
+            _remove(folder, removed)
 
 
 def _remove(folder: Path, removed: list[Path]) -> None:

@@ -220,3 +220,26 @@ def test_staged_upload_is_published_without_its_lock(tmp_path: Path) -> None:
     staged.publish(tmp_path / "jobs-a")
     assert sorted(p.name for p in (tmp_path / "jobs-a").rglob("*")) == ["upload", "x.png"]
     assert list((tmp_path / STAGING_DIR).iterdir()) == []
+
+
+def test_the_sweep_removes_assignment_folders_without_a_row(tmp_path: Path) -> None:
+    """``jobs/<id>/assign/<aid>`` of a deleted (or never recorded) assignment job goes; a recorded one, a
+    young one (another process may be adding its row) and other files stay."""
+    jobs = tmp_path / "jobs"
+    cluster = jobs / uuid.uuid4().hex
+    known, orphan, young = (cluster / "assign" / uuid.uuid4().hex for _ in range(3))
+    for folder in (known, orphan, young):
+        (folder / "upload").mkdir(parents=True)
+    for folder in (cluster, known, orphan):
+        os.utime(folder, (time.time() - 600, time.time() - 600))
+    (cluster / "assign" / "notes.txt").write_text("not a job")
+    removed = remove_orphans(
+        tmp_path / STAGING_DIR,
+        jobs,
+        lambda job_id: job_id == cluster.name,
+        120.0,
+        assignment_exists=lambda job_id: job_id == known.name,
+    )
+    assert removed == [orphan]
+    assert known.is_dir() and young.is_dir() and (cluster / "assign" / "notes.txt").is_file()
+    assert remove_orphans(tmp_path / STAGING_DIR, jobs, lambda job_id: False, 0.0) == [cluster]
