@@ -20,7 +20,7 @@ from cpp.service.api.routes import clusterings, curation, health, jobs, ui
 from cpp.service.metrics import ServiceMetrics
 from cpp.service.problems import PROBLEM_JSON, Problem, install_problem_handlers
 from cpp.service.settings import Settings
-from cpp.service.store import JobStatus, open_store
+from cpp.service.store import JobKind, JobStatus, open_store
 from cpp.service.uploads import STAGING_DIR, remove_orphans
 from cpp.service.worker import EncoderFactory, Pipeline, Worker, library_encoder_factory, library_pipeline
 
@@ -168,6 +168,7 @@ def _start_services(
         # A shared store: another process may have moved an upload into place and not yet added
         # its row; the folder's mtime is fresh then (StagedUpload.publish).
         0.0 if store.single_process else settings.lease_s,
+        assignment_exists=lambda job_id: store.get(job_id, kind=JobKind.assign) is not None,
     )
     if removed:
         log.info("removed %d folder(s) left by killed uploads or deleted jobs", len(removed))

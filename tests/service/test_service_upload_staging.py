@@ -130,6 +130,8 @@ def test_start_up_removes_orphans_and_keeps_jobs(settings: Settings) -> None:
     root = settings.data_dir / STAGING_DIR
     orphans = [orphan_staging(root), settings.jobs_dir / uuid.uuid4().hex]
     (orphans[1] / "upload").mkdir(parents=True)  # moved into place, killed before its row was added
+    orphans.append(settings.jobs_dir / job_id / "assign" / uuid.uuid4().hex)  # an assignment without a row
+    (orphans[2] / "upload").mkdir(parents=True)
     stale_new = root / f".{uuid.uuid4().hex}.new"
     stale_new.mkdir()
     os.utime(stale_new, (time.time() - 3600, time.time() - 3600))
