@@ -221,7 +221,8 @@ class FittedHead:
         for path in (weights, config):
             if not path.is_file():
                 raise FitInputError(
-                    f"{path} is missing: pass a directory written by `cpp fit` (FittedHead.save)"
+                    f"{path} is missing: pass the head directory of a clustering, RUN/head of a "
+                    "`cpp fit` or `cpp cluster` run (written by FittedHead.save)"
                 )
         try:
             meta = json.loads(config.read_text())

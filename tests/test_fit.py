@@ -71,7 +71,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def test_load_missing_checkpoint_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(CppError, match=r"head\.safetensors"):
+    with pytest.raises(CppError, match=r"head\.safetensors is missing: pass the head directory .*RUN/head"):
         FittedHead.load(tmp_path)
 
 
@@ -171,6 +171,20 @@ def test_cli_fit_flags_set_the_head(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main([*argv, "--batch-size", "64", "--context-k", "2", "--view-k", "0"]) == 2
     [(head, fit)] = seen
     assert (head.context_k, fit.batch_size, fit.view_k, fit.epochs, fit.seed) == (2, 64, 0, 2, 4)
+
+
+def test_cli_fit_option_model_errors_name_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the flags' own checks cannot see (a list length) is one line naming the flag, as in cluster."""
+    from cpp.cli import main
+
+    (tmp_path / "store").mkdir()
+    vocabularies = [f"v{i}" for i in range(17)]
+    argv = ["fit", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--quiet", "--vocabulary"]
+    assert main([*argv, *vocabularies]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --vocabulary: List should have at most 16 items after validation, not 17\n"
 
 
 def test_cli_fit_refuses_stores_it_cannot_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

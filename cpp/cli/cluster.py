@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from cpp.cli.common import (
     add_engine_arguments,
     add_option,
@@ -16,8 +14,8 @@ from cpp.cli.common import (
     atomic_output,
     check_output,
     engine_from_args,
-    flag,
     interrupted,
+    options_from_args,
     recording_control,
     source_from_args,
 )
@@ -63,23 +61,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
-def _options(args: argparse.Namespace, model: str) -> ClusterOptions:
-    try:
-        return ClusterOptions(
-            model=model,
-            clusters=args.clusters,
-            head=args.head,
-            vocabulary=args.vocabulary,
-            epochs=args.epochs,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-        )
-    except ValidationError as exc:  # what the flags' own checks leave (e.g. too many --vocabulary)
-        problems = "; ".join(f"{flag(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())
-        raise CppError(problems) from None
-
-
 def format_summary(result: ClusterResult, *, examples: int = EXAMPLES) -> str:
     """A plain-text table: cluster, size, name (``?`` when uncertain), score and a few example files."""
     header = ("cluster", "size", "name", "score", "examples")
@@ -123,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.demo and not args.source:
         raise CppError("give a SOURCE to cluster (or --demo)")
     model = args.model or (DEMO_MODEL if args.demo else "auto")
-    options = _options(args, model)
+    flags = ("clusters", "head", "vocabulary", "epochs", "seed", "batch_size", "device")
+    options = options_from_args(ClusterOptions, args, *flags, model=model)
     # before the slow imports and any work: bad output paths fail at once
     out = check_output(args.out, "--out", directory=False)
     if args.work_dir:

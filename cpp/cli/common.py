@@ -14,10 +14,10 @@ import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from cpp.errors import CppError, OutputPathError
@@ -33,6 +33,7 @@ SYSTEM_ROOTS = ("/proc", "/sys")
 _Bound = tuple[Any, bool]  # a limit (a number) and whether it is inclusive
 #: ``add_option(default=...)`` when the flag's default is the field's.
 _FIELD_DEFAULT: Any = object()
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -199,6 +200,18 @@ def add_option(
         help=f"{text} ({'; '.join(note for note in notes if note)})",
         **kwargs,
     )
+
+
+def options_from_args(
+    options: type[_Model], args: argparse.Namespace, /, *names: str, **values: Any
+) -> _Model:
+    """``options`` (an option model) from the flags ``names`` of ``args`` (fields of the same names) and
+    ``values``; what the flags' own checks leave (e.g. too many ``--vocabulary``) is one :class:`CppError`
+    line naming each refused flag as typed: ``--vocabulary: List should have at most 16 items ...``."""
+    try:
+        return options(**{name: getattr(args, name) for name in names}, **values)
+    except ValidationError as exc:
+        raise CppError("; ".join(f"{flag(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())) from None
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from cpp.cli.common import add_option, check_output, flag
+from cpp.cli.common import add_option, check_output, options_from_args
 from cpp.errors import CppError
 from cpp.options import ClusterOptions, FitOptions
 
@@ -38,28 +36,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _options(args: argparse.Namespace) -> ClusterOptions:
-    try:
-        return ClusterOptions(
-            clusters=args.clusters,
-            head=args.head,
-            vocabulary=args.vocabulary,
-            epochs=args.epochs,
-            seed=args.seed,
-            device=args.device,
-        )
-    except ValidationError as exc:  # what the flags' own checks leave (e.g. too many --vocabulary)
-        problems = "; ".join(f"{flag(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())
-        raise CppError(problems) from None
-
-
 def run(args: argparse.Namespace) -> int:
     out = check_output(args.out, "--out", directory=True)  # before the slow imports: fails at once
     if not args.features.is_dir():
         raise CppError(f"{args.features} is not a directory: pass a feature store written by `cpp embed`")
     if out.resolve() == args.features.resolve():
         raise CppError(f"--out {args.out} is the feature store itself: give another directory for the run")
-    options = _options(args)
+    # not --batch-size: here it is the training batch (FitOptions), not ClusterOptions' embedding batch
+    options = options_from_args(
+        ClusterOptions, args, "clusters", "head", "vocabulary", "epochs", "seed", "device"
+    )
     from cpp.cli.cluster import format_summary
     from cpp.pipeline import cluster_features, head_configs
     from cpp.store import FeatureStore
