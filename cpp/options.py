@@ -72,7 +72,7 @@ class AssignOptions(BaseModel):
         default=None,
         ge=0.0,
         le=1.0,
-        description="novel below this quantile of the members' own fit (None: the clustering's calibration)",
+        description="novel below this quantile of the members' novelty scores (None: as calibrated)",
     )
     batch_size: int = Field(default=64, ge=1, le=4096, description="embedding batch size")
     device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu' or 'cuda[:N]'")
