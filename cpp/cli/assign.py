@@ -9,8 +9,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from cpp.cli.common import (
     add_engine_arguments,
     add_option,
@@ -19,10 +17,10 @@ from cpp.cli.common import (
     check_output,
     engine_from_args,
     interrupted,
+    options_from_args,
     recording_control,
     source_from_args,
 )
-from cpp.errors import CppError
 from cpp.options import AssignOptions
 
 if TYPE_CHECKING:
@@ -69,16 +67,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
-def _options(args: argparse.Namespace) -> AssignOptions:
-    try:
-        return AssignOptions(
-            novelty_quantile=args.novelty_quantile, batch_size=args.batch_size, device=args.device
-        )
-    except ValidationError as exc:
-        problems = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        raise CppError(problems) from None
-
-
 def format_summary(summary: AssignSummary) -> str:
     """A plain-text table: per cluster its members, the new images filed under it, how many are novel, and
     the mean confidence of the new images beside the members'."""
@@ -108,7 +96,7 @@ def format_summary(summary: AssignSummary) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = _options(args)
+    options = options_from_args(AssignOptions, args, "novelty_quantile", "batch_size", "device")
     out = check_output(args.out, "--out", directory=False)  # before the slow imports: fails at once
     summary_path = check_output(args.summary, "--summary", directory=False) if args.summary else None
     if args.work_dir:
