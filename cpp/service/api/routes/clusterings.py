@@ -20,13 +20,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 
 from cpp import clustering
 from cpp.clustering import Clustering, ClusteringError
 from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.service.api.deps import Caller, CallerDep, Services, ServicesDep
-from cpp.service.api.routes.jobs import IdempotencyKey  # also registers the ``job_id`` path convertor
+from cpp.service.api.routes.jobs import IdempotencyKey, queue_job  # also registers the ``job_id`` convertor
 from cpp.service.api.schemas import (
     AssignmentJob,
     AssignmentJobPage,
@@ -36,11 +35,10 @@ from cpp.service.api.schemas import (
     ClusteringPage,
     ClusterSummary,
 )
+from cpp.service.forms import form_options, queue_upload, receive_upload, upload_body
 from cpp.service.paths import check_request_paths
 from cpp.service.problems import ApiProblem, problem_responses
-from cpp.service.store import IdempotencyConflict, JobKind, JobRecord, JobStatus
-from cpp.service.upload_form import read_upload_form
-from cpp.service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
+from cpp.service.store import JobKind, JobRecord, JobStatus
 from cpp.service.worker import assignment_folder, job_folder
 
 router = APIRouter(prefix="/clusterings", tags=["clusterings"])
@@ -154,35 +152,7 @@ AssignmentId = Annotated[
 #: Media type of the results: one JSON object per line.
 JSON_LINES = "application/jsonl"
 
-_UPLOAD_BODY: dict[str, Any] = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["files"],
-                "additionalProperties": False,
-                "properties": {
-                    "files": {
-                        "type": "array",
-                        "items": {"type": "string", "format": "binary"},
-                        "description": "Images and/or .zip archives of images (folders in a zip are kept).",
-                    },
-                    "options": {
-                        "type": "string",
-                        "description": "AssignOptions as a JSON object (default: all defaults).",
-                        "example": '{"novelty_quantile": 0.05}',
-                    },
-                    "labels_from_folders": {
-                        "type": "boolean",
-                        "default": False,
-                        "description": "Use each image's folder in the zip as its true label.",
-                    },
-                },
-            }
-        }
-    },
-}
+_UPLOAD_BODY = upload_body("AssignOptions", '{"novelty_quantile": 0.05}')
 _RESULTS_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {JSON_LINES: {}}, "description": "One NewImage JSON object per line."}
 }
@@ -227,45 +197,6 @@ def _request_hash(clustering_id: str, source: SourceSpec, options: AssignOptions
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _submit(
-    services: Services,
-    response: Response,
-    *,
-    job_id: str,
-    clustering_id: str,
-    source: SourceSpec,
-    options: AssignOptions,
-    request_hash: str,
-    idempotency_key: str | None,
-    caller: Caller,
-) -> tuple[AssignmentJob, bool]:
-    try:
-        record, created = services.store.create(
-            job_id=job_id,
-            source=source.model_dump(mode="json"),
-            options=options.model_dump(mode="json"),
-            device=options.device,
-            request_hash=request_hash,
-            idempotency_key=idempotency_key,
-            owner=caller.key_id,
-            kind=JobKind.assign,
-            parent=clustering_id,
-        )
-    except IdempotencyConflict:
-        raise ApiProblem(
-            422,
-            "idempotency-key-reused",
-            "Idempotency-Key reused",
-            "this Idempotency-Key was used with a different request; use a new key",
-        ) from None
-    job = AssignmentJob.from_record(record)
-    response.headers["Location"] = job.links.self
-    response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
-    if created:
-        services.wake_workers()
-    return job, created
-
-
 @router.post(
     "/{clustering_id:job_id}/assignments",
     status_code=status.HTTP_202_ACCEPTED,
@@ -286,11 +217,12 @@ def create_assignment(
     clustering's nearest cluster of its newest revision, its name, a confidence and a novel flag."""
     _check_device(services, body.options)
     check_request_paths(body.source, ClusterOptions(), services.settings.allowed_roots)  # no vocabulary files
-    job, _ = _submit(
+    job, _ = queue_job(
         services,
         response,
+        AssignmentJob.from_record,
         job_id=uuid.uuid4().hex,
-        clustering_id=clustering_id,
+        parent=clustering_id,
         source=body.source,
         options=body.options,
         request_hash=_request_hash(clustering_id, body.source, body.options),
@@ -300,30 +232,10 @@ def create_assignment(
     return job
 
 
-def _upload_options(raw: str | None) -> AssignOptions:
-    try:
-        return AssignOptions.model_validate_json(raw or "{}")
-    except ValidationError as exc:
-        raise ApiProblem(
-            422,
-            "validation",
-            "Request is not valid",
-            "form field 'options' is not valid AssignOptions JSON",
-            errors=[
-                {"loc": ["options", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-            ],
-        ) from exc
-
-
-def _form_bool(value: str | None, field: str) -> bool:
-    text = (value or "").strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", ""):
-        return False
-    raise ApiProblem(
-        422, "validation", "Request is not valid", f"{field}: expected true or false, got {text!r}"
-    )
+def _upload_options(services: Services, raw: str | None) -> AssignOptions:
+    options = form_options(AssignOptions, raw)
+    _check_device(services, options)
+    return options
 
 
 @router.post(
@@ -344,67 +256,38 @@ async def upload_assignment(
 ) -> AssignmentJob:
     """Upload images and/or zip archives of images (multipart field `files`) and queue an assignment job."""
     await run_in_threadpool(open_clustering, services, clustering_id, caller)  # 404/409 before the body
-    settings = services.settings
-    limits = UploadLimits(
-        settings.max_upload_bytes,
-        settings.max_upload_files,
-        settings.max_image_pixels,
-        settings.max_zip_ratio,
-    )
     job_id = uuid.uuid4().hex
-    parent = settings.jobs_dir / clustering_id
-    job_dir = assignment_folder(settings.jobs_dir, clustering_id, job_id)
-    staged = await run_in_threadpool(StagedUpload, settings.data_dir / STAGING_DIR, job_id)
-    writer = UploadWriter(staged.folder, limits)
-    try:
-        try:
-            fields = await read_upload_form(
-                request, writer, max_field_bytes=settings.max_json_bytes, max_files=settings.max_upload_files
-            )
-        finally:
-            writer.close()
-        options = _upload_options(fields.get("options"))
-        _check_device(services, options)
-        labels = _form_bool(fields.get("labels_from_folders"), "labels_from_folders")
-        if writer.parts == 0:
-            raise ApiProblem(
-                422, "bad-upload", "No files", "send images or zip archives in the form field 'files'"
-            )
-        salt = json.dumps(
-            {"clustering": clustering_id, "options": options.model_dump(mode="json"), "labels": labels},
-            sort_keys=True,
-        ).encode()
-        _, digest = writer.finish(salt)
-        if not parent.is_dir():
-            raise ApiProblem(
-                404, "not-found", "Clustering not found", f"no clustering with id {clustering_id}"
-            )
-        await run_in_threadpool(lambda: job_dir.parent.mkdir(parents=True, exist_ok=True))
-        await run_in_threadpool(staged.publish, job_dir)
-    except BaseException:
-        staged.discard()
-        raise
-    source = SourceSpec(type="folder", path=str((job_dir / "upload").resolve()), labels_from_folders=labels)
-    try:
-        job, created = await run_in_threadpool(
-            lambda: _submit(
-                services,
-                response,
-                job_id=job_id,
-                clustering_id=clustering_id,
-                source=source,
-                options=options,
-                request_hash=digest,
-                idempotency_key=idempotency_key,
-                caller=caller,
-            )
-        )
-    except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise
-    if not created:
-        shutil.rmtree(job_dir, ignore_errors=True)
-    return job
+    job_dir = assignment_folder(services.settings.jobs_dir, clustering_id, job_id)
+
+    def clustering_still_there() -> None:  # it may have been deleted while the files came in
+        if not (services.settings.jobs_dir / clustering_id).is_dir():
+            raise _not_found(clustering_id)
+        job_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    upload = await receive_upload(
+        request,
+        services.settings,
+        job_id,
+        job_dir,
+        read_options=lambda raw: _upload_options(services, raw),
+        identity={"clustering": clustering_id},
+        before_publish=clustering_still_there,
+    )
+    return await queue_upload(
+        job_dir,
+        lambda: queue_job(
+            services,
+            response,
+            AssignmentJob.from_record,
+            job_id=job_id,
+            parent=clustering_id,
+            source=upload.source,
+            options=upload.options,
+            request_hash=upload.digest,
+            idempotency_key=idempotency_key,
+            caller=caller,
+        ),
+    )
 
 
 @router.get(

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 import shutil
 import time
 import uuid
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
-from cpp.options import ClusterOptions, SourceSpec
+from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.result import ClusterResult
 from cpp.service.api.deps import Caller, CallerDep, Services, ServicesDep, SettingsDep, StoreDep
-from cpp.service.api.schemas import AssignmentPage, Job, JobPage, JobRequest
+from cpp.service.api.schemas import AssignmentJob, AssignmentPage, Job, JobPage, JobRequest
+from cpp.service.forms import form_options, queue_upload, receive_upload, upload_body
 from cpp.service.paths import check_request_paths, check_vocabulary_paths
 from cpp.service.problems import ApiProblem, problem_responses
-from cpp.service.store import IdempotencyConflict, JobRecord, JobStatus, JobStore
-from cpp.service.upload_form import read_upload_form
-from cpp.service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
+from cpp.service.store import IdempotencyConflict, JobKind, JobRecord, JobStatus, JobStore
 
 
 class JobIdConvertor(Convertor[str]):
@@ -54,36 +51,7 @@ IdempotencyKey = Annotated[
     ),
 ]
 
-_UPLOAD_BODY: dict[str, Any] = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["files"],
-                "additionalProperties": False,
-                "properties": {
-                    "files": {
-                        "type": "array",
-                        "items": {"type": "string", "format": "binary"},
-                        "description": "Images and/or .zip archives of images (folders in a zip are kept).",
-                    },
-                    "options": {
-                        "type": "string",
-                        "description": "ClusterOptions as a JSON object (default: all defaults).",
-                        "example": '{"clusters": "auto", "vocabulary": ["imagenet1k"]}',
-                    },
-                    "labels_from_folders": {
-                        "type": "boolean",
-                        "default": False,
-                        "description": "Use each image's folder in the zip as its true label.",
-                    },
-                },
-            }
-        }
-    },
-}
-
+_UPLOAD_BODY = upload_body("ClusterOptions", '{"clusters": "auto", "vocabulary": ["imagenet1k"]}')
 
 _REPLAY_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"model": Job, "description": "The job created earlier with this Idempotency-Key."}
@@ -125,17 +93,24 @@ def _request_hash(source: SourceSpec, options: ClusterOptions) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _submit(
+ViewT = TypeVar("ViewT", Job, AssignmentJob)
+
+
+def queue_job(
     services: Services,
     response: Response,
+    view: Callable[[JobRecord], ViewT],
     *,
     job_id: str,
     source: SourceSpec,
-    options: ClusterOptions,
+    options: ClusterOptions | AssignOptions,
     request_hash: str,
     idempotency_key: str | None,
     caller: Caller,
-) -> tuple[Job, bool]:
+    parent: str | None = None,
+) -> tuple[ViewT, bool]:
+    """Queue a job for ``caller`` (an assignment job: with its clustering as ``parent``) and answer with its
+    ``view`` at ``Location``: 202 for a new job, 200 for the one made earlier with this Idempotency-Key."""
     try:
         record, created = services.store.create(
             job_id=job_id,
@@ -145,6 +120,8 @@ def _submit(
             request_hash=request_hash,
             idempotency_key=idempotency_key,
             owner=caller.key_id,
+            kind=JobKind.cluster if parent is None else JobKind.assign,
+            parent=parent,
         )
     except IdempotencyConflict:
         raise ApiProblem(
@@ -153,11 +130,12 @@ def _submit(
             "Idempotency-Key reused",
             "this Idempotency-Key was used with a different request; use a new key",
         ) from None
-    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    job = view(record)
+    response.headers["Location"] = job.links.self
     response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
     if created:
         services.wake_workers()
-    return Job.from_record(record), created
+    return job, created
 
 
 @router.post(
@@ -177,9 +155,10 @@ def create_job(
     """Queue a clustering job over a server-side source under `CPP_ALLOWED_ROOTS`."""
     options = _effective_options(services, body.options)
     check_request_paths(body.source, options, services.settings.allowed_roots)
-    job, _ = _submit(
+    job, _ = queue_job(
         services,
         response,
+        Job.from_record,
         job_id=uuid.uuid4().hex,
         source=body.source,
         options=options,
@@ -190,73 +169,11 @@ def create_job(
     return job
 
 
-def _form_bool(value: Any, field: str) -> bool:
-    if value is None:
-        return False
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", ""):
-        return False
-    raise ApiProblem(
-        422, "validation", "Request is not valid", f"{field}: expected true or false, got {text!r}"
-    )
-
-
-def _upload_options(raw: str | None) -> ClusterOptions:
-    try:
-        return ClusterOptions.model_validate_json(raw or "{}")
-    except ValidationError as exc:
-        raise ApiProblem(
-            422,
-            "validation",
-            "Request is not valid",
-            "form field 'options' is not valid ClusterOptions JSON",
-            errors=[
-                {"loc": ["options", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-            ],
-        ) from exc
-
-
-async def _receive_upload(
-    request: Request, services: Services, job_id: str, job_dir: pathlib.Path
-) -> tuple[ClusterOptions, bool, str]:
-    """Stream an upload's files into ``job_dir`` and read its fields: the job's options, whether labels come
-    from folders, and the digest of the upload (files, options and labels) that identifies the request."""
-    settings = services.settings
-    limits = UploadLimits(
-        settings.max_upload_bytes,
-        settings.max_upload_files,
-        settings.max_image_pixels,
-        settings.max_zip_ratio,
-    )
-    # Written into a locked staging folder, moved into place only when complete: a process killed
-    # midway leaves a folder that the next start-up removes (cpp.service.uploads.remove_orphans).
-    staged = await run_in_threadpool(StagedUpload, settings.data_dir / STAGING_DIR, job_id)
-    writer = UploadWriter(staged.folder, limits)
-    try:
-        try:
-            fields = await read_upload_form(
-                request, writer, max_field_bytes=settings.max_json_bytes, max_files=settings.max_upload_files
-            )
-        finally:
-            writer.close()
-        options = _effective_options(services, _upload_options(fields.get("options")))
-        check_vocabulary_paths(options, settings.allowed_roots)
-        labels = _form_bool(fields.get("labels_from_folders"), "labels_from_folders")
-        if writer.parts == 0:
-            raise ApiProblem(
-                422, "bad-upload", "No files", "send images or zip archives in the form field 'files'"
-            )
-        salt = json.dumps(
-            {"options": options.model_dump(mode="json"), "labels": labels}, sort_keys=True
-        ).encode()
-        _, digest = writer.finish(salt)
-        await run_in_threadpool(staged.publish, job_dir)
-    except BaseException:
-        staged.discard()
-        raise
-    return options, labels, digest
+def _upload_options(services: Services, raw: str | None) -> ClusterOptions:
+    """An upload's options, as they will run; its vocabulary files must lie under the allowed roots."""
+    options = _effective_options(services, form_options(ClusterOptions, raw))
+    check_vocabulary_paths(options, services.settings.allowed_roots)
+    return options
 
 
 @router.post(
@@ -277,27 +194,23 @@ async def upload_job(
     """Upload images and/or zip archives of images (multipart field `files`) and queue a job over them."""
     job_id = uuid.uuid4().hex
     job_dir = services.settings.jobs_dir / job_id
-    options, labels, digest = await _receive_upload(request, services, job_id, job_dir)
-    source = SourceSpec(type="folder", path=str((job_dir / "upload").resolve()), labels_from_folders=labels)
-    try:
-        job, created = await run_in_threadpool(
-            lambda: _submit(
-                services,
-                response,
-                job_id=job_id,
-                source=source,
-                options=options,
-                request_hash=digest,
-                idempotency_key=idempotency_key,
-                caller=caller,
-            )
-        )
-    except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise
-    if not created:
-        shutil.rmtree(job_dir, ignore_errors=True)
-    return job
+    upload = await receive_upload(
+        request, services.settings, job_id, job_dir, read_options=lambda raw: _upload_options(services, raw)
+    )
+    return await queue_upload(
+        job_dir,
+        lambda: queue_job(
+            services,
+            response,
+            Job.from_record,
+            job_id=job_id,
+            source=upload.source,
+            options=upload.options,
+            request_hash=upload.digest,
+            idempotency_key=idempotency_key,
+            caller=caller,
+        ),
+    )
 
 
 @router.get("", summary="List jobs", responses=problem_responses(401, 422))
