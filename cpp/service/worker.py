@@ -87,21 +87,11 @@ def job_folder(jobs_dir: Path, job: JobRecord) -> Path:
     return jobs_dir / job.id
 
 
-def _library_assign(
-    clustering: Path,
-    source: SourceSpec,
-    work_dir: Path,
-    *,
-    options: AssignOptions,
-    encoder: Encoder,
-    control: RunControl,
-    roots: Roots,
-) -> object:
+def library_assign() -> Assign:
+    """The real assignment call (imported on first use)."""
     from cpp.assign import assign
 
-    return assign(
-        clustering, source, work_dir, options=options, encoder=encoder, control=control, roots=roots
-    )
+    return assign
 
 
 def library_pipeline() -> Pipeline:
@@ -174,7 +164,7 @@ class Worker:
         nice: int = 0,
         progress_interval_s: float = 0.5,
         on_finish: FinishCallback | None = None,
-        assign: Assign = _library_assign,
+        assign: Assign | None = None,
     ) -> None:
         self.store = store
         self.jobs_dir = jobs_dir
@@ -269,16 +259,8 @@ class Worker:
             work_dir.mkdir(parents=True, exist_ok=True)
             # A job reads under the allowed roots and inside its own folder (its uploads), checked per file.
             roots = confine_roots([*self.allowed_roots, work_dir])
-            if job.kind is JobKind.assign:
-                self._run_assign(job, source, work_dir, active.control, roots)
-            else:
-                options = ClusterOptions.model_validate(job.options).model_copy(
-                    update={"device": self.device}
-                )
-                encoder = self._encoder(options.model)
-                self.pipeline.run_cluster(
-                    source, options, work_dir, control=active.control, encoder=encoder, roots=roots
-                )
+            run = self._run_assign if job.kind is JobKind.assign else self._run_cluster
+            run(job, source, work_dir, active.control, roots)
         except Cancelled:
             status = JobStatus.cancelled
         except Exception as exc:
@@ -300,6 +282,14 @@ class Worker:
         if self.on_finish is not None:
             self.on_finish(status, time.perf_counter() - started)
 
+    def _run_cluster(
+        self, job: JobRecord, source: SourceSpec, work_dir: Path, control: RunControl, roots: Roots
+    ) -> None:
+        """Cluster the job's images with the encoder its options name."""
+        options = ClusterOptions.model_validate(job.options).model_copy(update={"device": self.device})
+        encoder = self._encoder(options.model)
+        self.pipeline.run_cluster(source, options, work_dir, control=control, encoder=encoder, roots=roots)
+
     def _run_assign(
         self, job: JobRecord, source: SourceSpec, work_dir: Path, control: RunControl, roots: Roots
     ) -> None:
@@ -309,9 +299,8 @@ class Worker:
         options = AssignOptions.model_validate(job.options).model_copy(update={"device": self.device})
         found = clustering.open(self.jobs_dir / str(job.parent))
         encoder = self._encoder(str(found.manifest.encoder.get("id") or found.manifest.model))
-        self.assign(
-            found.path, source, work_dir, options=options, encoder=encoder, control=control, roots=roots
-        )
+        assign = self.assign or library_assign()
+        assign(found.path, source, work_dir, options=options, encoder=encoder, control=control, roots=roots)
 
     def _monitor(self, active: _ActiveRun) -> None:
         """Heartbeat (with new progress) every interval; pass on cancel requests made through the store."""

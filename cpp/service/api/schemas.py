@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,35 @@ class JobLinks(BaseModel):
 
 def _time(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, tz=timezone.utc) if value is not None else None
+
+
+def _record_fields(job: JobRecord) -> dict[str, Any]:
+    """The fields every kind of job shows as they are stored (not its options, links or parent)."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "created_at": _time(job.created_at),
+        "updated_at": _time(job.updated_at),
+        "started_at": _time(job.started_at),
+        "finished_at": _time(job.finished_at),
+        "source": SourceSpec.model_validate(job.source),
+        "progress": Progress.model_validate(job.progress) if job.progress else None,
+        "error": Problem.model_validate(job.error) if job.error else None,
+        "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts,
+    }
+
+
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class Page(BaseModel, Generic[ItemT]):
+    """One page of a list: ``items`` from ``offset``, at most ``limit`` of ``total``."""
+
+    items: list[ItemT]
+    total: int
+    offset: int
+    limit: int
 
 
 class Job(BaseModel):
@@ -100,36 +129,20 @@ class Job(BaseModel):
     def from_record(cls, job: JobRecord) -> Job:
         base = f"/v1/jobs/{job.id}"
         return cls(
-            id=job.id,
-            status=job.status,
-            created_at=datetime.fromtimestamp(job.created_at, tz=timezone.utc),
-            updated_at=datetime.fromtimestamp(job.updated_at, tz=timezone.utc),
-            started_at=_time(job.started_at),
-            finished_at=_time(job.finished_at),
-            source=SourceSpec.model_validate(job.source),
+            **_record_fields(job),
             options=ClusterOptions.model_validate(job.options),
-            progress=Progress.model_validate(job.progress) if job.progress else None,
-            error=Problem.model_validate(job.error) if job.error else None,
-            cancel_requested=job.cancel_requested,
-            attempts=job.attempts,
             links=JobLinks(
                 self=base, result=f"{base}/result", assignments=f"{base}/assignments", cancel=f"{base}/cancel"
             ),
         )
 
 
-class JobPage(BaseModel):
-    items: list[Job]
+class JobPage(Page[Job]):
     total: int = Field(description="Jobs matching the filter.")
-    offset: int
-    limit: int
 
 
-class AssignmentPage(BaseModel):
-    items: list[Assignment]
+class AssignmentPage(Page[Assignment]):
     total: int = Field(description="Assignments of the job.")
-    offset: int
-    limit: int
 
 
 class Health(BaseModel):
@@ -168,11 +181,8 @@ class ClusteringInfo(BaseModel):
     links: ClusteringLinks
 
 
-class ClusteringPage(BaseModel):
-    items: list[ClusteringInfo]
+class ClusteringPage(Page[ClusteringInfo]):
     total: int = Field(description="Succeeded cluster jobs (those without a clustering are left out).")
-    offset: int
-    limit: int
 
 
 class AssignRequest(BaseModel):
@@ -218,19 +228,9 @@ class AssignmentJob(BaseModel):
         assert job.parent is not None
         base = f"/v1/clusterings/{job.parent}/assignments/{job.id}"
         return cls(
-            id=job.id,
+            **_record_fields(job),
             clustering=job.parent,
-            status=job.status,
-            created_at=datetime.fromtimestamp(job.created_at, tz=timezone.utc),
-            updated_at=datetime.fromtimestamp(job.updated_at, tz=timezone.utc),
-            started_at=_time(job.started_at),
-            finished_at=_time(job.finished_at),
-            source=SourceSpec.model_validate(job.source),
             options=AssignOptions.model_validate(job.options),
-            progress=Progress.model_validate(job.progress) if job.progress else None,
-            error=Problem.model_validate(job.error) if job.error else None,
-            cancel_requested=job.cancel_requested,
-            attempts=job.attempts,
             links=AssignmentJobLinks(
                 self=base,
                 clustering=f"/v1/clusterings/{job.parent}",
@@ -241,8 +241,5 @@ class AssignmentJob(BaseModel):
         )
 
 
-class AssignmentJobPage(BaseModel):
-    items: list[AssignmentJob]
-    total: int
-    offset: int
-    limit: int
+class AssignmentJobPage(Page[AssignmentJob]):
+    pass
