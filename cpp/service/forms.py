@@ -10,7 +10,6 @@ checks, what identifies the request, what must exist before the files are moved)
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from cpp.service.upload_form import read_upload_form
 from cpp.service.uploads import STAGING_DIR, StagedUpload, UploadLimits, UploadWriter
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
-JobT = TypeVar("JobT")
 
 
 def form_bool(value: Any, field: str) -> bool:
@@ -97,9 +95,11 @@ def upload_body(options_model: str, example: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Upload(Generic[OptionsT]):
-    """A complete upload, moved into its job folder: its options, the digest of its files, options and
-    labels (what identifies the request for ``Idempotency-Key``) and the job's source (the files)."""
+    """A complete upload, moved into the folder of its job: the job's options, the digest of the files,
+    options and labels (what identifies the request for ``Idempotency-Key``) and the job's source."""
 
+    job_id: str
+    job_dir: Path
     options: OptionsT
     digest: str
     source: SourceSpec
@@ -153,17 +153,4 @@ async def receive_upload(
         staged.discard()
         raise
     source = SourceSpec(type="folder", path=str((job_dir / "upload").resolve()), labels_from_folders=labels)
-    return Upload(options, digest, source)
-
-
-async def queue_upload(job_dir: Path, queue: Callable[[], tuple[JobT, bool]]) -> JobT:
-    """Queue the job of an upload in ``job_dir`` with ``queue`` (which returns the job and whether it is new);
-    the files are removed when it fails or returns an existing job (a repeated ``Idempotency-Key``)."""
-    try:
-        job, created = await run_in_threadpool(queue)
-    except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise
-    if not created:
-        shutil.rmtree(job_dir, ignore_errors=True)
-    return job
+    return Upload(job_id, job_dir, options, digest, source)

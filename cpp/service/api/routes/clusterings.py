@@ -25,7 +25,16 @@ from cpp import clustering
 from cpp.clustering import Clustering, ClusteringError
 from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.service.api.deps import Caller, CallerDep, Services, ServicesDep
-from cpp.service.api.routes.jobs import IdempotencyKey, queue_job  # also registers the ``job_id`` convertor
+from cpp.service.api.routes.jobs import (  # also registers the ``job_id`` path convertor
+    IdempotencyKey,
+    Offset,
+    StatusFilter,
+    json_file_response,
+    queue_job,
+    queue_upload_job,
+    require_succeeded,
+    stop_cancelled,
+)
 from cpp.service.api.schemas import (
     AssignmentJob,
     AssignmentJobPage,
@@ -35,7 +44,7 @@ from cpp.service.api.schemas import (
     ClusteringPage,
     ClusterSummary,
 )
-from cpp.service.forms import form_options, queue_upload, receive_upload, upload_body
+from cpp.service.forms import form_options, receive_upload, upload_body
 from cpp.service.paths import check_request_paths
 from cpp.service.problems import ApiProblem, problem_responses
 from cpp.service.store import JobKind, JobRecord, JobStatus
@@ -117,7 +126,7 @@ def clustering_info(job_id: str, found: Clustering) -> ClusteringInfo:
 def list_clusterings(
     services: ServicesDep,
     caller: CallerDep,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> ClusteringPage:
     """The clusterings of the caller's succeeded cluster jobs (an admin key: everyone's), newest first."""
@@ -273,20 +282,8 @@ async def upload_assignment(
         identity={"clustering": clustering_id},
         before_publish=clustering_still_there,
     )
-    return await queue_upload(
-        job_dir,
-        lambda: queue_job(
-            services,
-            response,
-            AssignmentJob.from_record,
-            job_id=job_id,
-            parent=clustering_id,
-            source=upload.source,
-            options=upload.options,
-            request_hash=upload.digest,
-            idempotency_key=idempotency_key,
-            caller=caller,
-        ),
+    return await queue_upload_job(
+        services, response, AssignmentJob.from_record, upload, idempotency_key, caller, parent=clustering_id
     )
 
 
@@ -300,10 +297,8 @@ def list_assignments(
     found: ClusteringDep,
     services: ServicesDep,
     caller: CallerDep,
-    status_filter: Annotated[
-        JobStatus | None, Query(alias="status", description="Only jobs in this state")
-    ] = None,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    status_filter: StatusFilter = None,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> AssignmentJobPage:
     """The caller's assignment jobs of this clustering, newest first."""
@@ -333,16 +328,7 @@ def get_assignment(
 
 
 def _finished_folder(services: Services, job: JobRecord) -> FilePath:
-    if job.status is not JobStatus.succeeded:
-        raise ApiProblem(
-            409,
-            "job-not-finished"
-            if job.status in (JobStatus.queued, JobStatus.running)
-            else "job-has-no-result",
-            "Assignment has no results",
-            f"assignment {job.id} is {job.status.value}; results exist once it has succeeded",
-            job_status=job.status.value,
-        )
+    require_succeeded(job, "assignment", "Assignment has no results")
     return job_folder(services.settings.jobs_dir, job)
 
 
@@ -357,7 +343,7 @@ def get_results(
     assignment_id: AssignmentId,
     services: ServicesDep,
     caller: CallerDep,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     """Results in source order, one JSON object per line (`key`, `path`, `cluster`, `name`, `confidence`,
@@ -384,17 +370,10 @@ def get_summary(
     """Images per cluster, novel count and share, and per cluster the new images' mean confidence beside
     the members' (a drift report), as `cpp assign --summary` writes it."""
     job = _assignment_or_404(services, clustering_id, assignment_id, caller)
-    path = _finished_folder(services, job) / "summary.json"
-    try:
-        content = path.read_bytes()
-    except FileNotFoundError:
-        raise ApiProblem(
-            500,
-            "result-missing",
-            "Result missing",
-            f"assignment {assignment_id} succeeded but its summary is gone",
-        ) from None
-    return Response(content, media_type="application/json")
+    return json_file_response(
+        _finished_folder(services, job) / "summary.json",
+        f"assignment {assignment_id} succeeded but its summary is gone",
+    )
 
 
 @router.post(
@@ -410,16 +389,7 @@ def cancel_assignment(
     _assignment_or_404(services, clustering_id, assignment_id, caller)
     job = services.store.request_cancel(assignment_id, caller.sees, kind=JobKind.assign)
     assert job is not None
-    if job.status in (JobStatus.succeeded, JobStatus.failed):
-        raise ApiProblem(
-            409,
-            "job-finished",
-            "Job already finished",
-            f"assignment {assignment_id} is {job.status.value}",
-            job_status=job.status.value,
-        )
-    if job.status is JobStatus.running:
-        services.cancel_running(assignment_id)
+    stop_cancelled(services, job, "assignment")
     return AssignmentJob.from_record(job)
 
 

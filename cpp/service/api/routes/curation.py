@@ -177,7 +177,7 @@ def get_thumbnail(
     "/export",
     summary="Export the newest revision",
     response_class=Response,
-    responses={200: {"content": {t: {} for t in set(export.MEDIA_TYPES.values())}}, **_READ},
+    responses={200: {"content": {t: {} for t in dict.fromkeys(export.MEDIA_TYPES.values())}}, **_READ},
 )
 def get_export(
     clustering_id: str,

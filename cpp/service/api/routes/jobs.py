@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
 import shutil
 import time
 import uuid
@@ -11,13 +12,14 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
 from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.result import ClusterResult
 from cpp.service.api.deps import Caller, CallerDep, Services, ServicesDep, SettingsDep, StoreDep
 from cpp.service.api.schemas import AssignmentJob, AssignmentPage, Job, JobPage, JobRequest
-from cpp.service.forms import form_options, queue_upload, receive_upload, upload_body
+from cpp.service.forms import Upload, form_options, receive_upload, upload_body
 from cpp.service.paths import check_request_paths, check_vocabulary_paths
 from cpp.service.problems import ApiProblem, problem_responses
 from cpp.service.store import IdempotencyConflict, JobKind, JobRecord, JobStatus, JobStore
@@ -41,6 +43,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[
     str, Path(description="Job id", pattern=r"^[0-9a-f]{32}$", examples=["3f6c0b8f0a2d4c1e9b7a5d4c3b2a1f0e"])
 ]
+#: Query parameters of the listing routes.
+StatusFilter = Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this state")]
+Offset = Annotated[int, Query(ge=0, le=10**9)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -138,6 +143,40 @@ def queue_job(
     return job, created
 
 
+async def queue_upload_job(
+    services: Services,
+    response: Response,
+    view: Callable[[JobRecord], ViewT],
+    upload: Upload[ClusterOptions] | Upload[AssignOptions],
+    idempotency_key: str | None,
+    caller: Caller,
+    parent: str | None = None,
+) -> ViewT:
+    """:func:`queue_job` for a received upload; its files are removed when that fails or returns an
+    existing job (a repeated Idempotency-Key)."""
+    try:
+        job, created = await run_in_threadpool(
+            lambda: queue_job(
+                services,
+                response,
+                view,
+                job_id=upload.job_id,
+                source=upload.source,
+                options=upload.options,
+                request_hash=upload.digest,
+                idempotency_key=idempotency_key,
+                caller=caller,
+                parent=parent,
+            )
+        )
+    except BaseException:
+        shutil.rmtree(upload.job_dir, ignore_errors=True)
+        raise
+    if not created:
+        shutil.rmtree(upload.job_dir, ignore_errors=True)
+    return job
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -197,30 +236,15 @@ async def upload_job(
     upload = await receive_upload(
         request, services.settings, job_id, job_dir, read_options=lambda raw: _upload_options(services, raw)
     )
-    return await queue_upload(
-        job_dir,
-        lambda: queue_job(
-            services,
-            response,
-            Job.from_record,
-            job_id=job_id,
-            source=upload.source,
-            options=upload.options,
-            request_hash=upload.digest,
-            idempotency_key=idempotency_key,
-            caller=caller,
-        ),
-    )
+    return await queue_upload_job(services, response, Job.from_record, upload, idempotency_key, caller)
 
 
 @router.get("", summary="List jobs", responses=problem_responses(401, 422))
 def list_jobs(
     store: StoreDep,
     caller: CallerDep,
-    status_filter: Annotated[
-        JobStatus | None, Query(alias="status", description="Only jobs in this state")
-    ] = None,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    status_filter: StatusFilter = None,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobPage:
     """The caller's jobs (an admin key: every job), newest first."""
@@ -234,17 +258,28 @@ def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> Job:
     return Job.from_record(_job_or_404(store, job_id, caller))
 
 
-def _require_succeeded(job: JobRecord) -> None:
+def require_succeeded(job: JobRecord, what: str = "job", title: str = "Job has no result") -> None:
+    """409 unless ``job`` (a ``what``) has succeeded: ``job-not-finished`` while it is queued or running."""
     if job.status is not JobStatus.succeeded:
         raise ApiProblem(
             409,
             "job-not-finished"
             if job.status in (JobStatus.queued, JobStatus.running)
             else "job-has-no-result",
-            "Job has no result",
-            f"job {job.id} is {job.status.value}; results exist once it has succeeded",
+            title,
+            f"{what} {job.id} is {job.status.value}; results exist once it has succeeded",
             job_status=job.status.value,
         )
+
+
+def json_file_response(path: pathlib.Path, gone: str) -> Response:
+    """The JSON file at ``path`` of a succeeded job; 500 ``result-missing`` with detail ``gone`` if it is not
+    there."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        raise ApiProblem(500, "result-missing", "Result missing", gone) from None
+    return Response(content, media_type="application/json")
 
 
 @router.get(
@@ -256,15 +291,10 @@ def _require_succeeded(job: JobRecord) -> None:
 def get_result(job_id: JobId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> Response:
     """The `ClusterResult` (as `cpp cluster` writes it); 409 until the job has succeeded."""
     job = _job_or_404(store, job_id, caller)
-    _require_succeeded(job)
-    path = settings.jobs_dir / job_id / "result.json"
-    try:
-        content = path.read_bytes()
-    except FileNotFoundError:
-        raise ApiProblem(
-            500, "result-missing", "Result missing", f"job {job_id} succeeded but its result file is gone"
-        ) from None
-    return Response(content, media_type="application/json")
+    require_succeeded(job)
+    return json_file_response(
+        settings.jobs_dir / job_id / "result.json", f"job {job_id} succeeded but its result file is gone"
+    )
 
 
 @router.get(
@@ -276,16 +306,31 @@ def get_assignments(
     job_id: JobId,
     services: ServicesDep,
     caller: CallerDep,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AssignmentPage:
     """Assignments in result order; 409 until the job has succeeded."""
     job = _job_or_404(services.store, job_id, caller)
-    _require_succeeded(job)
+    require_succeeded(job)
     items, total = services.pipeline.read_assignments(
         services.settings.jobs_dir / job_id, offset=offset, limit=limit
     )
     return AssignmentPage(items=items, total=total, offset=offset, limit=limit)
+
+
+def stop_cancelled(services: Services, job: JobRecord, what: str) -> None:
+    """After a cancel request: 409 if ``job`` (a ``what``) had already finished; stop it now if one of this
+    process's workers runs it (a queued job is cancelled by the request itself)."""
+    if job.status in (JobStatus.succeeded, JobStatus.failed):
+        raise ApiProblem(
+            409,
+            "job-finished",
+            "Job already finished",
+            f"{what} {job.id} is {job.status.value}",
+            job_status=job.status.value,
+        )
+    if job.status is JobStatus.running:
+        services.cancel_running(job.id)
 
 
 @router.post(
@@ -299,16 +344,7 @@ def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Job:
     job = services.store.request_cancel(job_id, caller.sees)
     if job is None:
         raise ApiProblem(404, "not-found", "Job not found", f"no job with id {job_id}")
-    if job.status in (JobStatus.succeeded, JobStatus.failed):
-        raise ApiProblem(
-            409,
-            "job-finished",
-            "Job already finished",
-            f"job {job_id} is {job.status.value}",
-            job_status=job.status.value,
-        )
-    if job.status is JobStatus.running:
-        services.cancel_running(job_id)
+    stop_cancelled(services, job, "job")
     return Job.from_record(job)
 
 
