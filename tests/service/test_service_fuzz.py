@@ -47,6 +47,10 @@ UPLOAD_ACCEPTED = ["2xx", "401", "403", "404", "409", "413", "415", "422"]
 #: clustering's state, which the schema cannot say; refusing the others (422) is right.
 EDIT_ACCEPTED = ["2xx", "401", "403", "404", "409", "422"]
 EDITS_WITH_STATE = r"^/v1/clusterings/[^/]+/(merge|move|outliers|restore|clusters/[^/]+/split)$"
+#: A new name must hold a printable character and no control or format characters (Unicode Cc, Cf): the
+#: rename schema says so in words, since a JSON Schema pattern cannot name Unicode categories portably;
+#: refusing such a name (422) is right.
+RENAME = r"^/v1/clusterings/[^/]+/clusters/[^/]+/rename$"
 #: Every operation the service documents (the UI page and its script and style, which hold no data, are the
 #: only routes left out of the schema); the fuzz test runs cases against each one of the schema's.
 OPERATIONS = {
@@ -158,6 +162,10 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 },
                 {
                     "include-path-regex": EDITS_WITH_STATE,
+                    "checks": {"positive_data_acceptance": {"expected-statuses": EDIT_ACCEPTED}},
+                },
+                {
+                    "include-path-regex": RENAME,
                     "checks": {"positive_data_acceptance": {"expected-statuses": EDIT_ACCEPTED}},
                 },
             ],

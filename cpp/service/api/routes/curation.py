@@ -212,7 +212,10 @@ def _edited(call: Callable[[], Outcome]) -> EditResult:
 class RenameRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(
-        min_length=1, max_length=curation.MAX_NAME_CHARS, description="Free text or an alternative."
+        min_length=1,
+        max_length=curation.MAX_NAME_CHARS,
+        description="Free text or an alternative; stored with runs of whitespace collapsed to one space. "
+        "It must hold a printable character and no control or format characters (Unicode Cc, Cf).",
     )
     expected_revision: int | None = Expected
 
