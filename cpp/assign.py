@@ -352,6 +352,8 @@ def assign(
     resumed or reused. Progress stages ``embed`` and ``assign``; :class:`~cpp.progress.Cancelled` between
     batches after ``control.cancel()``. With ``roots``, only files inside them are read.
     """
+    # Over 60 lines: embedding, the streamed scoring generator and the drift summary share the per-cluster
+    # counters that the generator fills while the output is written; split, they would be passed around.
     options = options or AssignOptions()
     control = control or RunControl()
     found = clustering if isinstance(clustering, Clustering) else clusterings.open(clustering)
@@ -509,6 +511,8 @@ def update(clustering: Clustering | str | Path, work_dir: str | Path) -> UpdateO
     nothing (and makes no revision). :class:`AssignError` when the clustering changed since the assignment
     (assign again) or the assignment was made for another clustering.
     """
+    # Over 60 lines: every step after the checks runs under the edit lock, reading the clustering as it is
+    # now, and the one write (Clustering.grow) comes last; the steps are kept together in that order.
     work_dir = Path(work_dir)
     summary = load_summary(work_dir)
     found = clustering if isinstance(clustering, Clustering) else clusterings.open(clustering)

@@ -230,6 +230,8 @@ def readout(
     ``selection_eps2`` the distortion of the coding length that chooses K; ``representatives`` the members
     listed per cluster (nearest its centre; above ``max_spectral`` rows, nearest the landmarks' centre).
     """
+    # Over 60 lines: landmarks, the spectral sweep over K, the chosen partition and its subspaces, then the
+    # in-memory or streamed assignment of every row; each step consumes the previous one's arrays.
     matrix = as_matrix(features)
     n = len(matrix)
     if clusters != "auto" and not (isinstance(clusters, int) and 2 <= clusters <= n):
