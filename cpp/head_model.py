@@ -8,6 +8,7 @@ itself is :mod:`cpp.train`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -196,7 +197,9 @@ class FittedHead:
     def save(self, directory: str | Path) -> None:
         """Write ``head.safetensors`` and ``head.json`` (configs, input dim, history) to ``directory``.
 
-        Both are written under temporary names first and then renamed, so neither is ever half-written.
+        Both are written under temporary names first and then renamed, so neither is ever half-written; the
+        JSON records the weights' SHA-256, so that a save interrupted between the two renames is detected
+        on load instead of pairing new weights with an old configuration.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -208,6 +211,7 @@ class FittedHead:
             "head": self.head_config.model_dump(),
             "fit": self.fit_config.model_dump(),
             "history": self.history,
+            "weights_sha256": _sha256(weights),
         }
         config.write_text(json.dumps(meta, indent=2))
         os.replace(weights, directory / WEIGHTS_FILE)
@@ -231,7 +235,23 @@ class FittedHead:
             in_dim = int(meta["in_dim"])
         except (ValueError, KeyError, TypeError) as exc:
             raise FitInputError(f"{config} is not a valid head configuration: {exc}") from exc
+        recorded = meta.get("weights_sha256")  # absent in heads saved before it was recorded
+        if recorded is not None and recorded != _sha256(weights):
+            raise FitInputError(
+                f"{weights} does not match {config} (a save interrupted half-way?): fit the head again"
+            )
         head = build_head(head_config, in_dim)
-        head.load_state_dict(load_file(str(weights)))
+        try:
+            head.load_state_dict(load_file(str(weights)))
+        except (RuntimeError, OSError, ValueError) as exc:  # wrong shapes or names, a damaged file
+            raise FitInputError(f"{weights} cannot be loaded as the head {config} describes: {exc}") from None
         head.to(resolve_device(device)).eval()
         return cls(head, head_config, fit_config, in_dim, list(meta.get("history", [])))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -75,6 +75,19 @@ def test_load_missing_checkpoint_is_a_user_error(tmp_path: Path) -> None:
         FittedHead.load(tmp_path)
 
 
+def test_weights_that_do_not_match_the_configuration_are_refused(tmp_path: Path) -> None:
+    x, _ = subspace_mixture(128, 20, 3, 2)
+    first = fit_head(x, SMALL_HEAD, SMALL_FIT)
+    first.save(tmp_path / "a")
+    second = fit_head(x, SMALL_HEAD, SMALL_FIT.model_copy(update={"seed": 1}))
+    second.save(tmp_path / "b")
+    FittedHead.load(tmp_path / "a")  # a whole save loads
+    # new weights beside the old configuration, as a save killed between its two renames leaves them
+    (tmp_path / "b" / "head.safetensors").replace(tmp_path / "a" / "head.safetensors")
+    with pytest.raises(CppError, match=r"does not match .*head\.json.*fit the head again"):
+        FittedHead.load(tmp_path / "a")
+
+
 def test_progress_and_cancellation() -> None:
     x, _ = subspace_mixture(128, 20, 3, 2)
     events: list[ProgressEvent] = []
