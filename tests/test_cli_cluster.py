@@ -52,7 +52,7 @@ def test_cluster_folder_writes_the_result(
     result = json.loads(out.read_text())
     assert len(result["clusters"]) == 3 and len(result["assignments"]) == 8
     assert result["metrics"] is not None
-    assert "3 clusters (K by fixed)" in capsys.readouterr().out
+    assert "3 clusters (K as given)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

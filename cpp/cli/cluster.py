@@ -80,10 +80,12 @@ def format_summary(result: ClusterResult, *, examples: int = EXAMPLES) -> str:
         for row in [header, *lines]
     ]
     run = result.run
+    method = run.k_selection.method
+    how = "K as given" if method == "fixed" else f"K by {method.replace('_', ' ')}"
     text.append("")
     text.append(
         f"{run.counts.embedded} images ({run.counts.skipped} skipped) in {len(result.clusters)} clusters "
-        f"(K by {run.k_selection.method}); encoder {run.encoder.get('id')}; "
+        f"({how}); encoder {run.encoder.get('id')}; "
         f"{run.timings_s.get('total', 0.0):.1f} s"
     )
     if result.metrics:
