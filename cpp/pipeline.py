@@ -44,7 +44,7 @@ from cpp.readout import (
     SELECTION_EPS2,
     Readout,
     direct_readout,
-    feature_coding_length,
+    feature_coding_lengths,
     feature_readout,
     readout,
 )
@@ -131,17 +131,17 @@ def _choose_partition(
     store: FeatureStore, fitted: FittedHead, options: ClusterOptions, control: RunControl
 ) -> tuple[Readout, PartitionChoice]:
     """The head's partition or spectral clustering of the encoder features at the same K, whichever codes
-    the encoder features in fewer bits (:func:`cpp.readout.feature_coding_length`)."""
+    the encoder features in fewer bits (:func:`cpp.readout.feature_coding_lengths`)."""
     by_head = readout(
         fitted, store, options.clusters, seed=options.seed, control=control, representatives=REPRESENTATIVES
     )
     by_features = feature_readout(
         store, by_head.k_selection.k, seed=options.seed, control=control, representatives=REPRESENTATIVES
     )
-    lengths = {
-        name: round(feature_coding_length(store, found.labels, seed=options.seed), 1)
-        for name, found in (("head", by_head), ("features", by_features))
-    }
+    bits = feature_coding_lengths(
+        store, {"head": by_head.labels, "features": by_features.labels}, seed=options.seed
+    )
+    lengths = {name: round(value, 1) for name, value in bits.items()}
     method: Literal["head", "features"] = "head" if lengths["head"] <= lengths["features"] else "features"
     log.info("partition by %s (coding length of the features, bits: %s)", method, lengths)
     chosen = by_head if method == "head" else by_features

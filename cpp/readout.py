@@ -9,6 +9,7 @@ memory or a feature store: memory is O(N) for the labels plus one block, never O
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -277,35 +278,8 @@ def readout(
         log.warning("k-means left %d of %d clusters empty", chosen - k_final, chosen)
     r = rank or max(1, z_land.shape[1] // k_final)
     bases = cluster_bases(z_land, land_labels, k_final, r)
-    if n_land == n:
-        sums = np.zeros((k_final, z_land.shape[1]))
-        np.add.at(sums, land_labels, z_land.astype(np.float64))
-        centers = normalize_rows(sums.astype(np.float32))
-        nearest = _nearest_per_cluster(
-            land_labels, np.einsum("nd,nd->n", z_land, centers[land_labels]), representatives
-        )
-        reps = [nearest[land_labels[nearest] == j] for j in range(k_final)]
-        fit, confidence = _own_scores(z_land, bases, land_labels)
-        return Readout(land_labels, confidence, centers, bases, selection, reps, fit, z_land)
-    land_sums = np.zeros((k_final, z_land.shape[1]))
-    np.add.at(land_sums, land_labels, z_land.astype(np.float64))
-    assigner = _Assigner(n, bases, normalize_rows(land_sums.astype(np.float32)), representatives)
-    stage = control.stage("assign", n) if control else None
-    for start, z_block, _ in fitted.transform_blocks(matrix, context=context):
-        assigner.add(start, z_block)
-        if stage:
-            stage.advance(len(z_block))
-    centers = normalize_rows(assigner.sums.numpy().astype(np.float32))
-    return Readout(
-        assigner.labels,
-        assigner.margin,
-        centers,
-        bases,
-        selection,
-        assigner.representatives(),
-        assigner.fit,
-        None,
-    )
+    blocks = ((start, z) for start, z, _ in fitted.transform_blocks(matrix, context=context))
+    return _finish(z_land, land_labels, bases, selection, n, blocks, representatives, control)
 
 
 def feature_readout(
@@ -337,27 +311,46 @@ def feature_readout(
     k = int(labels.max()) + 1
     bases = cluster_bases(x_land, labels, k, max(1, min(8, x_land.shape[1] // k)))
     selection = KSelection(method="fixed", k=k)
-    sums = np.zeros((k, x_land.shape[1]))
-    np.add.at(sums, labels, x_land.astype(np.float64))
-    if len(landmarks) == n:
-        centers = normalize_rows(sums.astype(np.float32))
-        nearest = _nearest_per_cluster(
-            labels, np.einsum("nd,nd->n", x_land, centers[labels]), representatives
-        )
-        fit, confidence = _own_scores(x_land, bases, labels)
+    blocks = ((start, normalize_rows(block.astype(np.float32))) for start, block in matrix.blocks())
+    return _finish(x_land, labels, bases, selection, n, blocks, representatives, control)
+
+
+def _finish(
+    z_land: np.ndarray,
+    labels: np.ndarray,
+    bases: np.ndarray,
+    selection: KSelection,
+    n: int,
+    blocks: Iterator[tuple[int, np.ndarray]],
+    representatives: int,
+    control: RunControl | None,
+) -> Readout:
+    """The readout of a landmark partition: centres, representatives, fit and confidence of every row.
+
+    When the landmarks are all ``n`` rows (``z_land`` their unit vectors in the readout space) everything is
+    computed in memory and ``blocks`` is not read; otherwise every row, as ``(first_row, unit vectors)``
+    from ``blocks``, is assigned to its nearest landmark-cluster subspace, streamed.
+    """
+    k = len(bases)
+    sums = np.zeros((k, z_land.shape[1]))
+    np.add.at(sums, labels, z_land.astype(np.float64))
+    centers = normalize_rows(sums.astype(np.float32))
+    if len(z_land) == n:
+        closeness = np.einsum("nd,nd->n", z_land, centers[labels])
+        nearest = _nearest_per_cluster(labels, closeness, representatives)
+        fit, confidence = _own_scores(z_land, bases, labels)
         reps = [nearest[labels[nearest] == j] for j in range(k)]
-        return Readout(labels, confidence, centers, bases, selection, reps, fit, x_land)
-    assigner = _Assigner(n, bases, normalize_rows(sums.astype(np.float32)), representatives)
+        return Readout(labels, confidence, centers, bases, selection, reps, fit, z_land)
+    assigner = _Assigner(n, bases, centers, representatives)
     stage = control.stage("assign", n) if control else None
-    for start, block in matrix.blocks():
-        assigner.add(start, normalize_rows(block.astype(np.float32)))
+    for start, block in blocks:
+        assigner.add(start, block)
         if stage:
             stage.advance(len(block))
-    centers = normalize_rows(assigner.sums.numpy().astype(np.float32))
     return Readout(
         assigner.labels,
         assigner.margin,
-        centers,
+        normalize_rows(assigner.sums.numpy().astype(np.float32)),
         bases,
         selection,
         assigner.representatives(),
@@ -366,20 +359,21 @@ def feature_readout(
     )
 
 
-def feature_coding_length(
+def feature_coding_lengths(
     features: FeatureInput,
-    labels: np.ndarray,
+    partitions: Mapping[str, np.ndarray],
     *,
     dims: int = CHOICE_DIMS,
     eps2: float = SELECTION_EPS2,
     max_rows: int = CHOICE_MAX_ROWS,
     seed: int = 0,
-) -> float:
-    """Bits to code the encoder features given the partition ``labels`` (``cpp.rate.coding_length``).
+) -> dict[str, float]:
+    """Bits to code the encoder features given each partition (labels per row) of ``partitions``
+    (``cpp.rate.coding_length``), by name.
 
     The features are coded where partitions of them differ: rows L2-normalised, projected on their top
     ``dims`` principal directions and normalised again; above ``max_rows`` rows on a fixed random sample.
-    The same sample and projection serve every partition of the same features, so lengths compare.
+    The sample and projection are computed once and serve every partition, so the lengths compare.
     """
     matrix = as_matrix(features)
     n = len(matrix)
@@ -387,9 +381,11 @@ def feature_coding_length(
     x = normalize_rows(matrix.take(rows).astype(np.float32)).astype(np.float64)
     x -= x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
-    projected = normalize_rows((x @ vt[:dims].T).astype(np.float32))
-    bits = coding_length(torch.from_numpy(projected), torch.from_numpy(labels[rows]), eps2)
-    return float(bits)
+    projected = torch.from_numpy(normalize_rows((x @ vt[:dims].T).astype(np.float32)))
+    return {
+        name: float(coding_length(projected, torch.from_numpy(labels[rows]), eps2))
+        for name, labels in partitions.items()
+    }
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:

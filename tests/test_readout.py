@@ -16,7 +16,7 @@ from cpp.metrics import clustering_accuracy
 from cpp.readout import (
     candidate_ks,
     direct_readout,
-    feature_coding_length,
+    feature_coding_lengths,
     feature_readout,
     kmeans_baseline,
     readout,
@@ -145,5 +145,5 @@ def test_feature_readout_separates_subspaces_where_kmeans_fails() -> None:
 def test_feature_coding_length_prefers_the_true_partition() -> None:
     x, y = subspace_mixture(900, 24, 6, 2, seed=5)
     shuffled = np.random.default_rng(0).permutation(y)
-    assert feature_coding_length(x, y) < feature_coding_length(x, kmeans_baseline(x, 6))
-    assert feature_coding_length(x, kmeans_baseline(x, 6)) < feature_coding_length(x, shuffled)
+    bits = feature_coding_lengths(x, {"true": y, "kmeans": kmeans_baseline(x, 6), "shuffled": shuffled})
+    assert bits["true"] < bits["kmeans"] < bits["shuffled"]
