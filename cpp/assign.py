@@ -49,6 +49,7 @@ from cpp.encoders import Encoder, create_encoder
 from cpp.engines import EmbedEngine
 from cpp.errors import CppError
 from cpp.head_model import REFERENCE_MAX, ContextTokens, FittedHead
+from cpp.heads import Tokens, TokenSets
 from cpp.knn import EXACT_MAX, build_index, normalize_rows
 from cpp.logging import get_logger
 from cpp.options import AssignOptions, SourceSpec
@@ -173,11 +174,11 @@ class _MemberContext(ContextTokens):
         self._members = reference
         self._block = neighbours
 
-    def tokens(self, rows: np.ndarray, x: np.ndarray) -> torch.Tensor:
-        own = torch.from_numpy(x).unsqueeze(1)
+    def tokens(self, rows: np.ndarray, x: np.ndarray) -> Tokens:
+        own = torch.from_numpy(x)
         if self.k == 0:
-            return own
-        return torch.cat([own, self._members[torch.from_numpy(self._block[rows])]], dim=1)
+            return own.unsqueeze(1)
+        return TokenSets.with_context(own, self._members, torch.from_numpy(self._block[rows]))
 
 
 @dataclass

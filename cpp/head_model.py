@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from cpp.devices import resolve_device
 from cpp.errors import CppError
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
-from cpp.heads import HeadConfig, build_head
+from cpp.heads import HeadConfig, Tokens, TokenSets, build_head
 from cpp.knn import build_index, knn_indices, normalize_rows, search_excluding
 
 WEIGHTS_FILE = "head.safetensors"
@@ -114,18 +114,18 @@ class ContextTokens:
             self._index = build_index(reference, seed=seed)
         self._reference = torch.from_numpy(reference)
 
-    def tokens(self, rows: np.ndarray, x: np.ndarray) -> torch.Tensor:
-        """``(B, 1 + k, d)`` token sets of ``rows`` whose unit features are ``x``."""
-        own = torch.from_numpy(x).unsqueeze(1)
+    def tokens(self, rows: np.ndarray, x: np.ndarray) -> Tokens:
+        """Token sets ``(B, 1 + k)`` of ``rows`` whose unit features are ``x``."""
+        own = torch.from_numpy(x)
         if self.k == 0:
-            return own
+            return own.unsqueeze(1)
         if self._neighbours is not None:
             neighbours = self._neighbours[rows]
         else:
             position = np.searchsorted(self._rows, rows)
             inside = self._rows[np.minimum(position, len(self._rows) - 1)] == rows
             neighbours = search_excluding(self._index, x, np.where(inside, position, -1), self.k)
-        return torch.cat([own, self._reference[torch.from_numpy(neighbours)]], dim=1)
+        return TokenSets.with_context(own, self._reference, torch.from_numpy(neighbours))
 
 
 @dataclass

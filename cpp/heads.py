@@ -1,14 +1,16 @@
 """Clustering heads over frozen features: the white-box CRATE head (default) and CPP's MLP head.
 
-Both map a token set ``(B, T, in_dim)`` — a sample followed by its ``context_k`` nearest neighbours — to two
-unit-norm outputs of the sample's own token: ``Z`` (subspace features) and ``C`` (cluster codes). Initial
-weights are drawn from the ``generator`` given to :func:`build_head` (torch's global one without), in the
-order and with the distributions of torch's default initialisation.
+Both map token sets ``(B, T, in_dim)`` — a sample followed by its ``context_k`` nearest neighbours — to two
+unit-norm outputs of the sample's own token: ``Z`` (subspace features) and ``C`` (cluster codes). The sets
+come as a dense tensor or as :class:`TokenSets` (each distinct row once, embedded once). Initial weights are
+drawn from the ``generator`` given to :func:`build_head` (torch's global one without), in the order and with
+the distributions of torch's default initialisation.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
@@ -33,6 +35,44 @@ class HeadConfig(BaseModel):
     step_size: float = Field(default=0.1, gt=0, description="ISTA step size η")
     sparsity: float = Field(default=0.1, ge=0, description="ISTA threshold λ")
     attention_scale: float = Field(default=1.0, gt=0, description="extra factor on MSSA logits")
+
+
+@dataclass(frozen=True)
+class TokenSets:
+    """Token sets by reference: token ``t`` of set ``b`` is ``rows[index[b, t]]``.
+
+    Neighbouring samples share context rows (in a training batch about 40 % of the tokens repeat one,
+    at inference each row recurs in ~``context_k`` sets), so the CRATE head embeds each row once.
+    """
+
+    rows: torch.Tensor  # (U, in_dim) raw features
+    index: torch.Tensor  # (B, T) int64 into rows
+
+    @classmethod
+    def gather(cls, features: torch.Tensor, index: torch.Tensor) -> TokenSets:
+        """The sets ``features[index]``, keeping each distinct row of ``features`` once."""
+        distinct, inverse = torch.unique(index, return_inverse=True)
+        return cls(features[distinct], inverse)
+
+    @classmethod
+    def with_context(cls, own: torch.Tensor, reference: torch.Tensor, neighbours: torch.Tensor) -> TokenSets:
+        """Each row of ``own`` ``(B, d)`` followed by its ``neighbours`` ``(B, k)``, rows of ``reference``."""
+        distinct, inverse = torch.unique(neighbours, return_inverse=True)
+        first = torch.arange(len(own)).unsqueeze(1)
+        return cls(torch.cat([own, reference[distinct]]), torch.cat([first, len(own) + inverse], dim=1))
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TokenSets:
+        return TokenSets(
+            self.rows.to(device, non_blocking=non_blocking), self.index.to(device, non_blocking=non_blocking)
+        )
+
+    def first(self) -> torch.Tensor:
+        """``(B, in_dim)``: each set's own (first) token."""
+        return self.rows[self.index[:, 0]]
+
+
+#: A head's input: dense token sets ``(B, T, in_dim)`` or the same by reference.
+Tokens = torch.Tensor | TokenSets
 
 
 def _linear(in_features: int, out_features: int, generator: torch.Generator | None) -> nn.Linear:
@@ -60,14 +100,26 @@ class MSSA(nn.Module):
         q = nn.init.orthogonal_(torch.empty(width, width), generator=generator)
         self.bases = nn.Parameter(q.view(width, heads, self.head_dim).permute(1, 0, 2).contiguous())
 
+    def _stacked(self) -> torch.Tensor:
+        """``(width, heads·head_dim)``: the bases side by side, so that projecting on all heads is one GEMM
+        (several times faster on a CPU than a batched product of narrow ``head_dim`` columns)."""
+        return self.bases.permute(1, 0, 2).reshape(self.bases.shape[1], -1)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, T, width)`` in each head's subspace: ``(B, heads, T, head_dim)``."""
-        return torch.einsum("btw,hwp->bhtp", x, self.bases)
+        b, t, _ = x.shape
+        return (x @ self._stacked()).view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.project(x)
-        attn = torch.softmax(q @ q.transpose(-1, -2) * self.scale, dim=-1)
-        return torch.einsum("bhtp,hwp->btw", attn @ q, self.bases)
+    def forward(self, x: torch.Tensor, *, first_only: bool = False) -> torch.Tensor:
+        """``(B, T, width)``, or with ``first_only`` the first token's output alone ``(B, 1, width)`` (it
+        still attends to every token)."""
+        stacked = self._stacked()
+        b, t, _ = x.shape
+        q = (x @ stacked).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        queries = q[:, :, :1] if first_only else q
+        attn = torch.softmax(queries @ q.transpose(-1, -2) * self.scale, dim=-1)
+        mixed = (attn @ q).transpose(1, 2).reshape(b, queries.shape[2], -1)  # (B, T', heads·head_dim)
+        return mixed @ stacked.T
 
 
 class ISTA(nn.Module):
@@ -106,9 +158,10 @@ class CrateLayer(nn.Module):
         self.norm_ista = nn.LayerNorm(width)
         self.ista = ISTA(width, step_size, threshold, generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_attn(x))
-        return self.ista(self.norm_ista(x))
+    def forward(self, x: torch.Tensor, *, first_only: bool = False) -> torch.Tensor:
+        """The layer on tokens ``(B, T, width)``; ``first_only``: the first token's output alone."""
+        compressed = (x[:, :1] if first_only else x) + self.attn(self.norm_attn(x), first_only=first_only)
+        return self.ista(self.norm_ista(compressed))
 
     @torch.no_grad()
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -157,21 +210,28 @@ class CrateHead(nn.Module):
         self.z_proj = _linear(config.width, config.z_dim, generator)
         self.c_proj = _linear(config.width, config.z_dim, generator)
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _embed(self, tokens: Tokens) -> torch.Tensor:
+        if isinstance(tokens, TokenSets):
+            # F.embedding: its backward sums the gradients of repeated rows in a fixed order (indexing's
+            # does not on the CPU, so runs would differ in the last bits).
+            return F.embedding(tokens.index, self.embed(F.normalize(tokens.rows - self.input_mean, dim=-1)))
         return self.embed(F.normalize(tokens - self.input_mean, dim=-1))
 
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+    def trunk(self, tokens: Tokens) -> torch.Tensor:
+        # Only the first token is read out, so the last layer computes that token's output alone (the
+        # same values; its MSSA, residual and ISTA on one token instead of 1 + context_k).
         x = self._embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, first_only=i == last)
         return self.norm_out(x[:, 0])
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(tokens)
         return F.normalize(self.z_proj(h), dim=-1), F.normalize(self.c_proj(h), dim=-1)
 
     @torch.no_grad()
-    def layer_stats(self, tokens: torch.Tensor) -> list[dict[str, float]]:
+    def layer_stats(self, tokens: Tokens) -> list[dict[str, float]]:
         """Per layer: mean coding rate of the tokens in each head's subspace before and after compression,
         and the fraction of zeros after the ISTA step."""
         x = self._embed(tokens)
@@ -197,8 +257,8 @@ class MLPHead(nn.Module):
         self.z_proj = _linear(config.width, config.z_dim, generator)
         self.c_proj = _linear(config.width, config.z_dim, generator)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(tokens[:, 0])
+    def forward(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(tokens.first() if isinstance(tokens, TokenSets) else tokens[:, 0])
         return F.normalize(self.z_proj(h), dim=-1), F.normalize(self.c_proj(h), dim=-1)
 
 

@@ -31,6 +31,7 @@ from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.head_model import FittedHead
 from cpp.knn import normalize_rows
 from cpp.progress import StageReporter
+from cpp.readout import top_right_singular_vectors
 from cpp.vocab import Vocabulary
 
 NamingSpace = Literal["raw", "head"]
@@ -127,12 +128,12 @@ def _subspace_scores(
 ) -> np.ndarray:
     """``(k, V)`` norm of each unit name projected on each cluster's top-``rank`` principal directions."""
     scores = np.zeros((k, names.shape[0]), dtype=np.float32)
-    for j in range(k):  # K small SVDs on at most _MAX_SVD_ROWS members each
+    for j in range(k):  # K small decompositions of at most _MAX_SVD_ROWS members each
         members = samples[sample_labels == j]
         if len(members) == 0:
             continue
-        _, _, vt = np.linalg.svd(members.astype(np.float64), full_matrices=False)
-        scores[j] = np.linalg.norm(names @ vt[:rank].astype(np.float32).T, axis=1)
+        directions = top_right_singular_vectors(members, rank).astype(np.float32)
+        scores[j] = np.linalg.norm(names @ directions, axis=1)
     return scores
 
 

@@ -20,7 +20,7 @@ import torch
 from cpp.devices import resolve_device
 from cpp.features import FeatureInput, FeatureMatrix, as_matrix
 from cpp.head_model import FitConfig, FitInputError, FittedHead, autocast, check_features
-from cpp.heads import CrateHead, HeadConfig, build_head
+from cpp.heads import CrateHead, HeadConfig, Tokens, TokenSets, build_head
 from cpp.knn import knn_indices, normalize_rows
 from cpp.logging import get_logger
 from cpp.progress import RunControl
@@ -29,11 +29,14 @@ from cpp.rate import coding_rate, coding_rate_clusters, membership
 log = get_logger("fit")
 
 
-def _tokens(x: torch.Tensor, neighbours: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Token sets ``(B, 1 + k, d)``: each row followed by its context neighbours."""
+def _tokens(x: torch.Tensor, neighbours: torch.Tensor | None, rows: torch.Tensor) -> Tokens:
+    """Token sets ``(B, 1 + k)``: each row followed by its context neighbours. On the CPU by reference
+    (each distinct row embedded once); elsewhere dense, since finding the distinct rows would make the host
+    wait for the device at every step."""
     if neighbours is None:
         return x[rows].unsqueeze(1)
-    return x[torch.cat([rows.unsqueeze(1), neighbours[rows]], dim=1)]
+    index = torch.cat([rows.unsqueeze(1), neighbours[rows]], dim=1)
+    return TokenSets.gather(x, index) if x.device.type == "cpu" else x[index]
 
 
 def auto_epochs(n_train: int, config: FitConfig) -> int:

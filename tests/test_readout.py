@@ -21,6 +21,7 @@ from cpp.readout import (
     kmeans_baseline,
     readout,
     silhouette,
+    top_right_singular_vectors,
 )
 from cpp.train import fit_head
 
@@ -147,3 +148,21 @@ def test_feature_coding_length_prefers_the_true_partition() -> None:
     shuffled = np.random.default_rng(0).permutation(y)
     bits = feature_coding_lengths(x, {"true": y, "kmeans": kmeans_baseline(x, 6), "shuffled": shuffled})
     assert bits["true"] < bits["kmeans"] < bits["shuffled"]
+
+
+@pytest.mark.parametrize(("n", "d"), [(60, 20), (20, 60), (3, 60)])
+def test_top_right_singular_vectors_span_the_svd_directions(n: int, d: int) -> None:
+    m = np.random.default_rng(n).standard_normal((n, d))
+    vectors = top_right_singular_vectors(m, 8)
+    _, _, vt = np.linalg.svd(m, full_matrices=False)
+    r = min(8, n, d)
+    assert vectors.shape == (d, r)
+    np.testing.assert_allclose(np.abs(np.sum(vectors * vt[:r].T, axis=0)), 1.0, atol=1e-9)
+
+
+def test_top_right_singular_vectors_leave_missing_directions_zero() -> None:
+    m = np.zeros((4, 10))
+    m[:, 2] = 1.0  # rank one, fewer rows than columns
+    vectors = top_right_singular_vectors(m, 3)
+    np.testing.assert_allclose(np.abs(vectors[:, 0]), np.eye(10)[2])
+    assert not vectors[:, 1:].any()
