@@ -46,9 +46,17 @@ def _logdet_identity_plus(gram: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _outer_products(z: torch.Tensor) -> torch.Tensor:
-    """``(n, d*d)``: row ``i`` is the flattened outer product ``z_i z_iᵀ``."""
-    return (z.unsqueeze(2) * z.unsqueeze(1)).reshape(z.shape[0], -1)
+def _weighted_grams(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(k, d, d)``: ``Zᵀ diag(w_j) Z`` for each row ``w_j`` of ``weights`` ``(k, n)``, as one GEMM against
+    the upper triangles of the per-sample outer products (half the work of the full ``d²`` products)."""
+    d = z.shape[1]
+    upper_rows, upper_cols = torch.triu_indices(d, d, device=z.device)
+    upper = z.index_select(1, upper_rows) * z.index_select(1, upper_cols)  # (n, d(d+1)/2)
+    packed = weights @ upper  # (k, d(d+1)/2)
+    full = torch.zeros(weights.shape[0], d * d, dtype=z.dtype, device=z.device)
+    full = full.index_copy(1, upper_rows * d + upper_cols, packed)
+    grams = full.view(-1, d, d)
+    return grams + torch.triu(grams, diagonal=1).transpose(1, 2)
 
 
 def coding_rate(z: torch.Tensor, eps2: float = DEFAULT_EPS2) -> torch.Tensor:
@@ -77,8 +85,7 @@ def coding_rate_clusters(z: torch.Tensor, pi: torch.Tensor, eps2: float = DEFAUL
         pi = pi.to(z.dtype)
         n, d = z.shape
         tr = pi.sum(1) + 1e-8
-        # (k, d, d) weighted covariances Zᵀ diag(π_j) Z as one GEMM against the per-sample outer products.
-        grams = (pi @ _outer_products(z)).view(-1, d, d)
+        grams = _weighted_grams(z, pi)  # (k, d, d) weighted covariances Zᵀ diag(π_j) Z
         scale = (d / (tr * eps2)).view(-1, 1, 1)
         logdets = _logdet_identity_plus(scale * grams)
         return (tr * logdets).sum() / (2.0 * n)
