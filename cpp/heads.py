@@ -66,6 +66,10 @@ class TokenSets:
             self.rows.to(device, non_blocking=non_blocking), self.index.to(device, non_blocking=non_blocking)
         )
 
+    def dense(self) -> torch.Tensor:
+        """``(B, T, in_dim)``: the sets written out."""
+        return self.rows[self.index]
+
     def first(self) -> torch.Tensor:
         """``(B, in_dim)``: each set's own (first) token."""
         return self.rows[self.index[:, 0]]

@@ -19,6 +19,9 @@ CAPTIONS = "captions"
 ExportFormat = Literal["json", "csv", "coco", "folders"]
 #: Members per cluster page of a static gallery, by default (``cpp gallery --members``).
 STATIC_MEMBERS = 48
+#: The embedding batch size and the torch device, shared by every request that embeds images.
+EmbedBatchSize = Annotated[int, Field(ge=1, le=4096, description="embedding batch size")]
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="'auto', 'cpu' or 'cuda[:N]'")]
 
 
 class SourceSpec(BaseModel):
@@ -59,8 +62,8 @@ class ClusterOptions(BaseModel):
     )
     epochs: int | None = Field(default=None, ge=1, le=1000, description="training epochs (None: automatic)")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="random seed (same seed, same clusters)")
-    batch_size: int = Field(default=64, ge=1, le=4096, description="embedding batch size")
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu' or 'cuda[:N]'")
+    batch_size: EmbedBatchSize = 64
+    device: Device = "auto"
 
 
 class AssignOptions(BaseModel):
@@ -74,8 +77,8 @@ class AssignOptions(BaseModel):
         le=1.0,
         description="novel below this quantile of the members' novelty scores (None: as calibrated)",
     )
-    batch_size: int = Field(default=64, ge=1, le=4096, description="embedding batch size")
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu' or 'cuda[:N]'")
+    batch_size: EmbedBatchSize = 64
+    device: Device = "auto"
 
 
 class EmbedOptions(BaseModel):

@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 import torch
 
-from cpp.heads import CrateHead, HeadConfig, build_head
+from cpp.heads import CrateHead, HeadConfig, TokenSets, build_head
 
 
 @pytest.mark.parametrize("kind", ["crate", "mlp"])
@@ -56,3 +56,28 @@ def test_layer_stats_report_rates_and_sparsity() -> None:
 def test_width_must_divide_into_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
         build_head(HeadConfig(width=30, heads=4), 8)
+
+
+@pytest.mark.parametrize("kind", ["crate", "mlp"])
+def test_token_sets_by_reference_give_the_dense_outputs(kind: Literal["crate", "mlp"]) -> None:
+    head = build_head(HeadConfig(type=kind, width=32, heads=4, z_dim=8), 16, generator=torch.Generator())
+    head.eval()
+    features = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+    index = torch.randint(0, 40, (12, 6), generator=torch.Generator().manual_seed(2))
+    sets = TokenSets.gather(features, index)
+    assert len(sets.rows) == len(index.unique())
+    torch.testing.assert_close(sets.dense(), features[index])
+    for dense, by_reference in zip(head(features[index]), head(sets), strict=True):
+        torch.testing.assert_close(by_reference, dense)
+    own = torch.randn(12, 16, generator=torch.Generator().manual_seed(3))
+    context = TokenSets.with_context(own, features, index[:, 1:])
+    torch.testing.assert_close(context.dense(), torch.cat([own[:, None], features[index[:, 1:]]], dim=1))
+
+
+def test_last_layer_computes_the_read_out_token_as_the_full_layer_does() -> None:
+    head = CrateHead(HeadConfig(width=32, heads=4, z_dim=8, layers=3), 16, torch.Generator().manual_seed(0))
+    tokens = torch.randn(10, 5, 16, generator=torch.Generator().manual_seed(1))
+    x = head._embed(tokens)
+    for layer in head.layers:
+        x = layer(x)  # every token through every layer
+    torch.testing.assert_close(head.trunk(tokens), head.norm_out(x[:, 0]))

@@ -11,7 +11,7 @@ from synthetic import subspace_mixture, write_store
 
 from cpp.features import FeatureMatrix
 from cpp.head_model import ContextTokens, FitConfig, FittedHead
-from cpp.heads import HeadConfig
+from cpp.heads import HeadConfig, TokenSets
 from cpp.knn import normalize_rows
 from cpp.metrics import clustering_accuracy
 from cpp.naming import NamingConfig, NamingMethod, name_clusters
@@ -91,7 +91,9 @@ def test_context_from_a_reference_sample(
     context = ContextTokens(FeatureMatrix(store), 4, seed=0, reference_max=200)
     rows = np.arange(700)
     unit = normalize_rows(x)
-    tokens = context.tokens(rows, unit).numpy()
+    sets = context.tokens(rows, unit)
+    assert isinstance(sets, TokenSets)  # context rows by reference
+    tokens = sets.dense().numpy()
     assert tokens.shape == (700, 5, 24)
     np.testing.assert_array_equal(tokens[:, 0], unit)
     # Context rows come from the reference sample and never repeat the row itself.

@@ -62,6 +62,21 @@ def test_coding_rate_clusters_orthogonal_subspaces() -> None:
     )
 
 
+def test_coding_rate_clusters_soft_membership_matches_the_definition() -> None:
+    g = torch.Generator().manual_seed(4)
+    z = torch.nn.functional.normalize(torch.randn(40, 9, dtype=torch.float64, generator=g), dim=1)
+    pi = torch.rand(5, 40, dtype=torch.float64, generator=g)
+    n, d, eps2 = 40, 9, 0.1
+    expected = 0.0
+    for row in pi:  # Σ_j tr(Π_j)/(2n) · logdet(I + d/(tr(Π_j) ε²) Zᵀ diag(Π_j) Z)
+        tr = float(row.sum())
+        gram = z.T @ (row[:, None] * z)
+        expected += (
+            tr / (2 * n) * float(torch.logdet(torch.eye(d, dtype=torch.float64) + d / (tr * eps2) * gram))
+        )
+    assert coding_rate_clusters(z, pi, eps2).item() == pytest.approx(expected, rel=1e-7)
+
+
 def test_coding_rate_clusters_rejects_bad_shape() -> None:
     with pytest.raises(ValueError, match="pi must have shape"):
         coding_rate_clusters(torch.randn(5, 3), torch.ones(2, 4))
