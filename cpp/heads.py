@@ -37,7 +37,7 @@ class HeadConfig(BaseModel):
     attention_scale: float = Field(default=1.0, gt=0, description="extra factor on MSSA logits")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenSets:
     """Token sets by reference: token ``t`` of set ``b`` is ``rows[index[b, t]]``.
 
@@ -122,7 +122,7 @@ class MSSA(nn.Module):
         q = (x @ stacked).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         queries = q[:, :, :1] if first_only else q
         attn = torch.softmax(queries @ q.transpose(-1, -2) * self.scale, dim=-1)
-        mixed = (attn @ q).transpose(1, 2).reshape(b, queries.shape[2], -1)  # (B, T', heads·head_dim)
+        mixed = (attn @ q).transpose(1, 2).reshape(b, queries.shape[2], self.heads * self.head_dim)
         return mixed @ stacked.T
 
 

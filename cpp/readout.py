@@ -108,7 +108,8 @@ def spectral_labels(embedding: np.ndarray, k: int, seed: int, *, sweep: bool = F
     """k-means on the first ``k`` spectral coordinates, rows normalised (Ng–Jordan–Weiss).
 
     k-means++ with ``SPECTRAL_RESTARTS`` restarts, the lowest inertia kept (on Tiny ImageNet 200, ACC 0.336
-    against 0.324 for faiss k-means with 20 random starts; docs/benchmarks/quality.md). A ``sweep`` over
+    with 10 restarts and 0.340 with 3, against 0.324 for faiss k-means with 20 random starts;
+    docs/benchmarks/quality.md). A ``sweep`` over
     candidate K uses faiss k-means with ``SWEEP_RESTARTS`` random starts instead: it only ranks the
     candidates, and the chosen K is clustered again.
     """
@@ -130,10 +131,12 @@ def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
 
 def top_right_singular_vectors(m: np.ndarray, rank: int) -> np.ndarray:
     """``(d, r)`` float64: the top ``r = min(rank, n, d)`` right singular vectors of ``m`` ``(n, d)``,
-    largest first (signs arbitrary; directions of zero singular value left as zero columns).
+    largest first, signs arbitrary.
 
-    From the smaller of the two Gram matrices, only its top eigenpairs (a third of a full SVD's time for
-    1,000 × 1,280, a ninth for 10,000 × 1,280).
+    From the top eigenpairs of the smaller Gram matrix (a third of a full SVD's time for 1,000 × 1,280, a
+    ninth for 10,000 × 1,280). With ``d ≤ n`` they are eigenvectors of ``mᵀm`` (orthonormal even where ``m``
+    has no energy); with ``n < d`` they are mapped from ``m mᵀ``'s, and a direction whose singular value is
+    below 1e-6 of the largest (float32 noise in the features) is left as a zero column.
     """
     m = m.astype(np.float64)
     n, d = m.shape
