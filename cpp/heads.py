@@ -117,13 +117,11 @@ class MSSA(nn.Module):
     def forward(self, x: torch.Tensor, *, first_only: bool = False) -> torch.Tensor:
         """``(B, T, width)``, or with ``first_only`` the first token's output alone ``(B, 1, width)`` (it
         still attends to every token)."""
-        stacked = self._stacked()
-        b, t, _ = x.shape
-        q = (x @ stacked).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = self.project(x)
         queries = q[:, :, :1] if first_only else q
         attn = torch.softmax(queries @ q.transpose(-1, -2) * self.scale, dim=-1)
-        mixed = (attn @ q).transpose(1, 2).reshape(b, queries.shape[2], self.heads * self.head_dim)
-        return mixed @ stacked.T
+        mixed = (attn @ q).transpose(1, 2).reshape(len(x), queries.shape[2], self.heads * self.head_dim)
+        return mixed @ self._stacked().T
 
 
 class ISTA(nn.Module):

@@ -109,9 +109,8 @@ def spectral_labels(embedding: np.ndarray, k: int, seed: int, *, sweep: bool = F
 
     k-means++ with ``SPECTRAL_RESTARTS`` restarts, the lowest inertia kept (on Tiny ImageNet 200, ACC 0.336
     with 10 restarts and 0.340 with 3, against 0.324 for faiss k-means with 20 random starts;
-    docs/benchmarks/quality.md). A ``sweep`` over
-    candidate K uses faiss k-means with ``SWEEP_RESTARTS`` random starts instead: it only ranks the
-    candidates, and the chosen K is clustered again.
+    docs/benchmarks/quality.md). A ``sweep`` over candidate K uses faiss k-means with ``SWEEP_RESTARTS``
+    random starts instead: it only ranks the candidates, and the chosen K is clustered again.
     """
     coordinates = normalize_rows(embedding[:, :k])
     if sweep:
