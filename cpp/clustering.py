@@ -529,11 +529,6 @@ class Clustering:
         """Every member's confidence: the readout's for fitted members, the assignment's for added ones."""
         return np.concatenate([self.readout().confidence, *self._added("confidence")]).astype(np.float32)
 
-    def member_fit(self) -> np.ndarray:
-        """Every member's energy in its own cluster's subspace as fitted (NaN for added members)."""
-        added = [np.full(a.rows, np.nan, dtype=np.float32) for a in self.manifest.additions]
-        return np.concatenate([self.readout().fit.astype(np.float32), *added])
-
     def novel_pool(self, revision: int | None = None) -> np.ndarray:
         """Rows of the added images that fitted no cluster and are in none in ``revision`` (default: the
         newest): the pool of novel images, left out of every cluster."""

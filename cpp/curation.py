@@ -58,7 +58,6 @@ class Members:
     keys: list[str]
     paths: list[str | None]
     confidence: np.ndarray
-    fit: np.ndarray
     _by_shown: dict[str, int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -112,7 +111,7 @@ def members(cl: Clustering) -> Members:
         records = json.loads("[" + text.rstrip("\n").replace("\n", ",") + "]")
         keys = [record["key"] for record in records]
         paths = [record.get("path") for record in records]
-    found = Members(keys, paths, cl.member_confidence(), cl.member_fit())
+    found = Members(keys, paths, cl.member_confidence())
     with _members_lock:
         _members_cache[cache_key] = found
         while len(_members_cache) > _CACHE_SIZE:

@@ -147,7 +147,7 @@ def _choose_partition(
     chosen = by_head if method == "head" else by_features
     chosen.k_selection = by_head.k_selection
     return chosen, PartitionChoice(
-        method=method, coding_length=lengths, dims=CHOICE_DIMS, eps2=SELECTION_EPS2
+        method=method, coding_length=lengths, dims=CHOICE_DIMS, eps2=SELECTION_EPS2, graph=by_features.graph
     )
 
 

@@ -34,6 +34,10 @@ class KSelection(BaseModel):
     )
 
 
+#: How the rows of the features' kNN graph were made from the unit features (cpp.readout.graph_rows).
+GraphRows = Literal["centred", "sqrt, centred"]
+
+
 class PartitionChoice(BaseModel):
     """Which partition the result shows, and the label-free evidence for it."""
 
@@ -46,6 +50,11 @@ class PartitionChoice(BaseModel):
     )
     dims: int | None = Field(default=None, description="Principal directions the features are coded on.")
     eps2: float | None = Field(default=None, description="Distortion ε² of the coding length.")
+    graph: GraphRows | None = Field(
+        default=None,
+        description="Rows of the kNN graph behind the features' partition: the centred unit features, "
+        "after element-wise square roots when every feature is non-negative ('sqrt, centred').",
+    )
 
 
 class RunInfo(BaseModel):

@@ -127,6 +127,10 @@ def test_head_is_trained_above_the_small_collection_size(
     _check_result(result, tmp_path / "work", 8)
     assert result.run.head["type"] == "crate" and result.run.head["context_k"] == 2
     assert result.run.fit["epochs"] == 2 and (tmp_path / "work" / "head" / "head.safetensors").is_file()
+    # The offline encoder's pooled activations are non-negative: the features' graph takes square roots.
+    partition = result.run.partition
+    assert partition is not None and partition.method in {"head", "features"}
+    assert partition.graph == "sqrt, centred" and set(partition.coding_length) == {"head", "features"}
 
 
 def test_bad_requests_are_user_errors(photo_dir: Path, tmp_path: Path) -> None:

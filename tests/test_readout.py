@@ -18,9 +18,12 @@ from cpp.readout import (
     direct_readout,
     feature_coding_lengths,
     feature_readout,
+    graph_rows,
     kmeans_baseline,
     readout,
     silhouette,
+    spectral_embedding,
+    spectral_labels,
     top_right_singular_vectors,
 )
 from cpp.train import fit_head
@@ -166,3 +169,48 @@ def test_top_right_singular_vectors_leave_missing_directions_zero() -> None:
     vectors = top_right_singular_vectors(m, 3)
     np.testing.assert_allclose(np.abs(vectors[:, 0]), np.eye(10)[2])
     assert not vectors[:, 1:].any()
+
+
+def test_spectral_embedding_spans_the_float64_eigenvectors() -> None:
+    x, _ = subspace_mixture(400, 16, 5, 2, seed=4)
+    embedding = spectral_embedding(x, 8)
+    assert embedding.shape == (400, 8) and embedding.dtype == np.float32
+    # The reference: the same graph written out densely and solved in float64.
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    idx = knn_indices(u.astype(np.float32), 15)
+    graph = np.zeros((400, 400))
+    graph[np.repeat(np.arange(400), 15), idx.ravel()] = np.abs(np.einsum("nd,nkd->nk", u, u[idx])).ravel()
+    graph = np.maximum(graph, graph.T)
+    scale = 1 / np.sqrt(graph.sum(1))
+    _, vectors = np.linalg.eigh(scale[:, None] * graph * scale[None, :])
+    reference = vectors[:, ::-1][:, :8]
+    cosines = np.linalg.svd(reference.T @ embedding.astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-4)
+
+
+def _bursty_clusters(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative rows: three classes of many small activations, each row also one large activation on a
+    random one of 16 other dimensions (which raw cosine similarity follows instead of the class)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n // 3)
+    x = rng.uniform(0.0, 0.02, size=(len(y), 64))
+    for c in range(3):
+        x[y == c, 16 * c : 16 * (c + 1)] += rng.uniform(0.05, 0.15, size=((y == c).sum(), 16))
+    x[np.arange(len(y)), 48 + rng.integers(0, 16, len(y))] += 1.0
+    return x.astype(np.float32), y
+
+
+def test_graph_rows_take_square_roots_of_non_negative_features_only() -> None:
+    x, y = _bursty_clusters(600, seed=5)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows, graph = graph_rows(unit)
+    assert graph == "sqrt, centred"
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    _, signed = graph_rows(unit - unit.mean(0))
+    assert signed == "centred"
+    # The raw graph joins rows by their large activation; the square roots join them by class.
+    raw = spectral_labels(spectral_embedding(unit - unit.mean(0), 3), 3, 0)
+    assert clustering_accuracy(y, raw) < 0.6
+    found = feature_readout(x, 3)
+    assert found.graph == "sqrt, centred"
+    assert clustering_accuracy(y, found.labels) > 0.95
