@@ -331,9 +331,11 @@ def restore(cl: Clustering, revision: int, *, expected: int | None = None) -> Ou
 
 
 def _member_space(cl: Clustering, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(Z, C)`` of ``rows`` in the readout's space: the head's subspace features and cluster codes, or the
-    unit encoder features (both) for a clustering made without a head."""
+    """``(Z, C)`` of ``rows`` in the readout's space: the head's subspace features and cluster codes, or for a
+    clustering made without a head the unit encoder features and graph rows made from them as the features'
+    readout makes its own (:func:`cpp.readout.graph_rows`, centred on these rows' mean)."""
     from cpp.knn import normalize_rows
+    from cpp.readout import graph_rows
 
     store = open_store(cl)
     x = store.take(rows)
@@ -345,7 +347,7 @@ def _member_space(cl: Clustering, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
         z, c = fitted.encode(rows, x, fitted.context(store.matrix()))
         return normalize_rows(z), c
     unit = normalize_rows(x)
-    return unit, unit
+    return unit, graph_rows(unit)[0]
 
 
 def split_labels(z: np.ndarray, codes: np.ndarray, parts: int, *, seed: int = 0) -> np.ndarray:

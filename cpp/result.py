@@ -35,7 +35,7 @@ class KSelection(BaseModel):
 
 
 #: How the rows of the features' kNN graph were made from the unit features (cpp.readout.graph_rows).
-GraphRows = Literal["centred", "sqrt, centred"]
+GraphRows = Literal["centred", "sqrt-centred"]
 
 
 class PartitionChoice(BaseModel):
@@ -53,7 +53,7 @@ class PartitionChoice(BaseModel):
     graph: GraphRows | None = Field(
         default=None,
         description="Rows of the kNN graph behind the features' partition: the centred unit features, "
-        "after element-wise square roots when every feature is non-negative ('sqrt, centred').",
+        "after element-wise square roots when every feature is non-negative ('sqrt-centred').",
     )
 
 

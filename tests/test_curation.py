@@ -89,6 +89,17 @@ def test_split_recovers_two_merged_clusters(cl: Clustering) -> None:
     _consistent(cl)
 
 
+def test_split_of_a_large_cluster_recovers_its_parts_spectrally(tmp_path: Path) -> None:
+    cl = make_clustering(tmp_path, k=4, per=20, images=False)
+    truth = cl.labels()
+    curation.merge(cl, [0, 1])
+    assert int((cl.labels() == 0).sum()) >= curation.SPECTRAL_MIN  # spectral clustering, not k-means
+    curation.split(cl, 0, 2)
+    pieces = cl.labels()[truth <= 1]
+    assert {tuple(np.unique(pieces[truth[truth <= 1] == t])) for t in (0, 1)} == {(0,), (3,)}
+    _consistent(cl)
+
+
 def test_restore_and_conflicts(cl: Clustering) -> None:
     curation.rename(cl, 0, "first")
     with pytest.raises(RevisionConflict, match="at revision 1, not 0"):

@@ -130,7 +130,7 @@ def test_head_is_trained_above_the_small_collection_size(
     # The offline encoder's pooled activations are non-negative: the features' graph takes square roots.
     partition = result.run.partition
     assert partition is not None and partition.method in {"head", "features"}
-    assert partition.graph == "sqrt, centred" and set(partition.coding_length) == {"head", "features"}
+    assert partition.graph == "sqrt-centred" and set(partition.coding_length) == {"head", "features"}
 
 
 def test_bad_requests_are_user_errors(photo_dir: Path, tmp_path: Path) -> None:

@@ -144,6 +144,7 @@ def test_feature_readout_separates_subspaces_where_kmeans_fails() -> None:
     assert found.fit.shape == found.confidence.shape == (900,)
     landmarks = feature_readout(x, 6, max_spectral=400)
     assert clustering_accuracy(y, landmarks.labels) > 0.85
+    assert found.graph == landmarks.graph == "centred"  # signed features: no square roots
 
 
 def test_feature_coding_length_prefers_the_true_partition() -> None:
@@ -204,7 +205,7 @@ def test_graph_rows_take_square_roots_of_non_negative_features_only() -> None:
     x, y = _bursty_clusters(600, seed=5)
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     rows, graph = graph_rows(unit)
-    assert graph == "sqrt, centred"
+    assert graph == "sqrt-centred"
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
     _, signed = graph_rows(unit - unit.mean(0))
     assert signed == "centred"
@@ -212,5 +213,5 @@ def test_graph_rows_take_square_roots_of_non_negative_features_only() -> None:
     raw = spectral_labels(spectral_embedding(unit - unit.mean(0), 3), 3, 0)
     assert clustering_accuracy(y, raw) < 0.6
     found = feature_readout(x, 3)
-    assert found.graph == "sqrt, centred"
+    assert found.graph == "sqrt-centred"
     assert clustering_accuracy(y, found.labels) > 0.95
