@@ -20,6 +20,7 @@ from cpp import clustering, curation, gallery, pipeline
 from cpp.assign import AssignError, assign, iter_results, load_summary, read_results, update
 from cpp.cli import main
 from cpp.encoders import Encoder, create_encoder
+from cpp.encoders.views import FlipViews
 from cpp.options import AssignOptions, ClusterOptions, SourceSpec
 from cpp.pipeline import SMALL_N, run_cluster
 from cpp.progress import Cancelled
@@ -183,6 +184,8 @@ def test_another_encoder_or_preprocessing_is_refused(
     other = create_encoder(tiny_clip_spec, device="cpu")
     with pytest.raises(AssignError, match=r"another encoder or preprocessing.*id: clustering"):
         assign(work, _folder(images), tmp_path / "a", encoder=other)
+    with pytest.raises(AssignError, match=r"views: clustering None, here 'flip'"):  # same weights, 2 views
+        assign(work, _folder(images), tmp_path / "a", encoder=FlipViews(encoder))
     manifest = json.loads((work / clustering.MANIFEST_FILE).read_text())
     manifest["encoder"]["preprocess"] = {**manifest["encoder"]["preprocess"], "interpolation": "nearest"}
     (work / clustering.MANIFEST_FILE).write_text(json.dumps(manifest))

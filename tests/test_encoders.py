@@ -15,6 +15,8 @@ from PIL import Image
 from cpp.encoders import Encoder, EncoderUnavailable, UnsupportedVocabulary, create_encoder
 from cpp.encoders.auto import auto_choice
 from cpp.encoders.effnet import EFFNET_ID
+from cpp.encoders.views import FLIP_VIEWS, FlipViews
+from cpp.errors import OptionError
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +121,23 @@ def test_uint8_preprocessing_matches_the_float_transform() -> None:
         normalise(raw[None].float())
     with pytest.raises(ValueError, match="ToTensor, Normalize"):
         split_transform(transforms.Compose([transforms.Resize(40)]))
+
+
+def test_flip_views_average_the_image_and_its_mirror(effnet: Encoder) -> None:
+    flipped = create_encoder(f"{EFFNET_ID}{FLIP_VIEWS}", device="cpu")
+    assert isinstance(flipped, FlipViews) and flipped.id == f"{EFFNET_ID}{FLIP_VIEWS}"
+    assert flipped.describe()["views"] == "flip" and flipped.describe()["id"] == flipped.id
+    assert "views" not in effnet.describe() and flipped.dim == effnet.dim
+    batch = _batch(effnet, "chelsea", "coffee")
+    mirrored = batch.flip(-1)
+    expected = torch.nn.functional.normalize(
+        effnet.encode_images(batch) + effnet.encode_images(mirrored), dim=-1
+    )
+    torch.testing.assert_close(flipped.encode_images(batch), expected)
+    torch.testing.assert_close(
+        flipped.encode_images(mirrored), flipped.encode_images(batch), atol=1e-5, rtol=0
+    )
+    assert (flipped.encode_images(batch) * effnet.encode_images(batch)).sum(1).min() < 0.999  # a second view
+    torch.testing.assert_close(flipped.embed_labels(["tabby cat"]), effnet.embed_labels(["tabby cat"]))
+    with pytest.raises(OptionError, match="model"):
+        create_encoder(f"no-such-encoder{FLIP_VIEWS}", device="cpu")

@@ -22,11 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from cpp.encoders.auto import auto_choice
     from cpp.encoders.open_clip import resolve_weights
     from cpp.encoders.registry import encoder_factory
+    from cpp.encoders.views import FLIP_VIEWS
 
     for name in list_encoders():
         doc = (encoder_factory(name).__doc__ or "").strip().splitlines()
         print(f"{name:<20} {doc[0] if doc else ''}")
-    print(f"\nauto resolves here to: {auto_choice()}")
+    example = f"effnet-lite0-in1k{FLIP_VIEWS}"
+    print(f"\nany spec{FLIP_VIEWS} (e.g. {example}): each image's features averaged with its mirror image's")
+    print(f"auto resolves here to: {auto_choice()}")
     if args.open_clip:
         import open_clip
 

@@ -8,6 +8,7 @@ import torch
 
 from cpp.devices import resolve_device
 from cpp.encoders.base import Encoder
+from cpp.encoders.views import FLIP_VIEWS, FlipViews
 from cpp.errors import CppError, OptionError
 from cpp.registry import Registry
 
@@ -25,8 +26,12 @@ encoder_factory = _ENCODERS.get
 
 
 def create_encoder(spec: str = "auto", *, device: str | torch.device | None = None) -> Encoder:
-    """Build an encoder from a spec: ``auto``, ``effnet-lite0-in1k`` or ``open_clip:<arch>/<tag-or-file>``;
-    an unknown name or an argument its factory refuses is an :class:`OptionError` of ``model``."""
+    """Build an encoder from a spec: ``auto``, ``effnet-lite0-in1k`` or ``open_clip:<arch>/<tag-or-file>``,
+    each optionally followed by ``+flip`` (:class:`cpp.encoders.views.FlipViews`: the mean of the features of
+    each image and of its mirror image); an unknown name or an argument its factory refuses is an
+    :class:`OptionError` of ``model``."""
+    if spec.endswith(FLIP_VIEWS):
+        return FlipViews(create_encoder(spec.removesuffix(FLIP_VIEWS), device=device))
     name, _, arg = spec.partition(":")
     try:
         factory = encoder_factory(name)
