@@ -2,9 +2,9 @@
 
 Spec suffix :data:`FLIP_VIEWS` (``effnet-lite0-in1k+flip``): every image is encoded twice, as it is and
 flipped left to right, and the two unit rows are averaged and normalised again. The mirror image is a
-true second view of the same picture, so its average carries less of what one viewpoint adds (on the
-offline encoder's features, 10-NN label purity 0.566 → 0.582 on CIFAR-10 and 0.310 → 0.324 on Tiny
-ImageNet 200; spectral clustering with the graph's square roots 0.443 → 0.452 and 0.349 → 0.363 ACC:
+true second view of the same picture, so its average carries less of what one viewpoint adds (offline
+encoder: 10-NN label purity 0.566 → 0.582 on CIFAR-10 and 0.310 → 0.324 on Tiny ImageNet 200; `cpp
+cluster` ACC 0.443 → 0.445 and 0.349 → 0.354, NMI +0.9 and +0.7 points, 3 seeds:
 docs/benchmarks/quality.md), at twice the forward passes. The description says so, so that stores,
 heads and assignments made with and without it are never mixed.
 """
