@@ -346,7 +346,9 @@ def feature_readout(
     bases = cluster_bases(x_land, labels, k, max(1, min(8, x_land.shape[1] // k)))
     selection = KSelection(method="fixed", k=k)
     blocks = ((start, normalize_rows(block.astype(np.float32))) for start, block in matrix.blocks())
-    return _finish(x_land, labels, bases, selection, n, blocks, representatives, control, graph=graph)
+    found = _finish(x_land, labels, bases, selection, n, blocks, representatives, control)
+    found.graph = graph
+    return found
 
 
 def graph_rows(x: np.ndarray) -> tuple[np.ndarray, GraphRows]:
@@ -373,8 +375,6 @@ def _finish(
     blocks: Iterator[tuple[int, np.ndarray]],
     representatives: int,
     control: RunControl | None,
-    *,
-    graph: GraphRows | None = None,
 ) -> Readout:
     """The readout of a landmark partition: centres, representatives, fit and confidence of every row.
 
@@ -391,7 +391,7 @@ def _finish(
         nearest = _nearest_per_cluster(labels, closeness, representatives)
         fit, confidence = _own_scores(z_land, bases, labels)
         reps = [nearest[labels[nearest] == j] for j in range(k)]
-        return Readout(labels, confidence, centers, bases, selection, reps, fit, z_land, graph)
+        return Readout(labels, confidence, centers, bases, selection, reps, fit, z_land)
     assigner = _Assigner(n, bases, centers, representatives)
     stage = control.stage("assign", n) if control else None
     for start, block in blocks:
@@ -407,7 +407,6 @@ def _finish(
         assigner.representatives(),
         assigner.fit,
         None,
-        graph,
     )
 
 
