@@ -1,4 +1,5 @@
-"""End-to-end ``run_cluster`` on real photos: offline encoder, tiny CLIP with names and captions, resuming."""
+"""End-to-end ``run_cluster`` on real photos: offline encoder, tiny CLIP with names and captions, resuming;
+the default partition stage on synthetic subspaces, where k-means fails."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from synthetic import subspace_mixture, write_store
 
 from cpp import pipeline
 from cpp.encoders import UnsupportedVocabulary
 from cpp.errors import CppError
+from cpp.metrics import clustering_accuracy
 from cpp.options import ClusterOptions, SourceSpec
 from cpp.pipeline import PipelineError, read_assignments, run_cluster
 from cpp.progress import Cancelled, ProgressEvent, RunControl
+from cpp.readout import kmeans_baseline
 from cpp.result import ClusterResult, json_schema
 
 SCHEMA = json_schema()
@@ -131,6 +135,23 @@ def test_head_is_trained_above_the_small_collection_size(
     partition = result.run.partition
     assert partition is not None and partition.method in {"head", "features"}
     assert partition.graph == "sqrt-centred" and set(partition.coding_length) == {"head", "features"}
+
+
+def test_default_partition_finds_subspaces_where_kmeans_fails(tmp_path: Path) -> None:
+    # 10 random 3-D subspaces of R^32 through (almost) the origin: their points share no centre to find.
+    x, y = subspace_mixture(2000, 32, 10, 3, seed=5)
+    store = write_store(tmp_path / "features", x, 500)
+    found = {}
+    for clusters in (10, "auto"):  # one head: the second clusterer reuses the first one's fit
+        options = ClusterOptions(model="effnet-lite0-in1k", device="cpu", clusters=clusters)
+        clusterer = pipeline.choose_clusterer(len(store), options, tmp_path / "head")
+        assert isinstance(clusterer, pipeline.HeadClusterer)
+        clusterer.fit(store, RunControl())
+        found[clusters] = clusterer.partition(store, RunControl())[0]
+    kmeans = clustering_accuracy(y, kmeans_baseline(x, 10))
+    assert kmeans < 0.5 < 0.95 < clustering_accuracy(y, found[10].labels)
+    assert 8 <= found["auto"].k_selection.k <= 12  # within ±25 % of 10
+    assert clustering_accuracy(y, found["auto"].labels) > kmeans + 0.3
 
 
 def test_bad_requests_are_user_errors(photo_dir: Path, tmp_path: Path) -> None:
